@@ -1,0 +1,19 @@
+/**
+ * The program: load and validate the stack config, build one TrainServer, return the stack outputs.
+ * `index.ts` exports these; the tests, the offline plan and the benchmarks call `buildProgram` directly.
+ */
+import { loadConfig } from "./config";
+import { TrainServer } from "./server";
+
+export function buildProgram() {
+  const { config, secrets } = loadConfig();
+  const server = new TrainServer("server", { config, secrets });
+  return {
+    server,
+    outputs: {
+      mountpoint: server.storage.mountpoint,
+      storageUuid: server.storage.uuid,
+      users: server.userOutputs,
+    },
+  };
+}

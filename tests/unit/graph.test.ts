@@ -1,0 +1,160 @@
+/**
+ * The program's graph under mocks: component tree, ordering, triggers, secrets, and protection flags.
+ */
+import { dependsOn, isAncestor, Registered } from "../../tools/harness";
+import { clone, runProgram, stackRaw, TEST_SECRETS } from "../helpers/program";
+
+const CMD = "command:remote:Command";
+
+function step(res: Registered[], name: string): Registered {
+  const r = res.find((x) => x.type === CMD && x.name === name);
+  if (!r) throw new Error(`no command ${name}; have ${res.filter((x) => x.type === CMD).map((x) => x.name).join(", ")}`);
+  return r;
+}
+
+describe("graph of the prod stack", () => {
+  let res: Registered[];
+  beforeAll(async () => {
+    res = (await runProgram(stackRaw("prod"))).resources;
+  });
+
+  test("one train-server root component, and every other resource is under it", () => {
+    const roots = res.filter((r) => r.type === "train-server:index:TrainServer");
+    expect(roots).toHaveLength(1);
+    for (const r of res) {
+      if (r === roots[0] || r.type === "pulumi:pulumi:Stack") continue;
+      expect({ name: r.name, under: isAncestor(res, roots[0].urn, r.urn) }).toEqual({ name: r.name, under: true });
+    }
+  });
+
+  test("component type tokens read train-server:<area>:<Name>", () => {
+    for (const r of res.filter((x) => !x.custom && x.type !== "pulumi:pulumi:Stack")) {
+      expect(r.type).toMatch(/^train-server:[a-z]+:[A-Z][A-Za-z]+$/);
+    }
+  });
+
+  test("resource names are unique per type and prefixed by their component's name", () => {
+    const byUrn = new Map(res.map((r) => [r.urn, r]));
+    const seen = new Set<string>();
+    for (const r of res) {
+      const key = `${r.type}::${r.name}`;
+      expect(seen.has(key)).toBe(false);
+      seen.add(key);
+      const parent = r.parent ? byUrn.get(r.parent) : undefined;
+      if (parent && parent.type !== "pulumi:pulumi:Stack") expect(r.name.startsWith(parent.name)).toBe(true);
+    }
+  });
+
+  test("users run after storage (the array must be mounted before homes are made on it)", () => {
+    const storage = step(res, "server-storage-apply");
+    const users = step(res, "server-users-apply");
+    expect(dependsOn(res, users.urn, storage.urn)).toBe(true);
+    expect(dependsOn(res, storage.urn, users.urn)).toBe(false);
+  });
+
+  test("every remote command uses the same connection, whose private key is a secret", () => {
+    const cmds = res.filter((r) => r.type === CMD);
+    expect(cmds.length).toBeGreaterThan(0);
+    for (const c of cmds) {
+      expect(c.secretInputs).toContain("connection");
+      expect(c.inputs.connection).toEqual(cmds[0].inputs.connection);
+      expect(c.inputs.connection.privateKey).toBe(TEST_SECRETS.sshPrivateKey);
+    }
+  });
+
+  test("no secret value appears in any command line or in any non-secret input", () => {
+    const secrets = Object.values(TEST_SECRETS);
+    for (const r of res) {
+      for (const [k, v] of Object.entries(r.inputs)) {
+        if (r.secretInputs.includes(k)) continue;
+        const text = JSON.stringify(v);
+        for (const s of secrets) expect({ resource: r.name, input: k, leaks: text.includes(s) }).toEqual({ resource: r.name, input: k, leaks: false });
+      }
+    }
+  });
+
+  test("apply commands re-run on their bundle hash and ship the script on stdin", () => {
+    for (const name of ["server-storage-apply", "server-users-apply"]) {
+      const c = step(res, name);
+      expect(c.inputs.create).toBe("sudo -n bash -s");
+      expect(c.inputs.triggers).toHaveLength(1);
+      expect(c.inputs.triggers[0]).toMatch(/^[0-9a-f]{64}$/);
+      expect(c.inputs.stdin).toContain('bash "$d/script.sh" apply </dev/null');
+      expect(c.inputs.delete).toBeUndefined();
+    }
+  });
+
+  test("production keeps its data: teardowns are protected and retained, apply commands are not", () => {
+    for (const name of ["server-storage-teardown", "server-users-teardown"]) {
+      const t = step(res, name);
+      expect([t.protect, t.retainOnDelete]).toEqual([true, true]);
+      expect(t.inputs.delete).toContain("script.sh\" destroy");
+    }
+    for (const name of ["server-storage-apply", "server-users-apply"]) expect(step(res, name).protect).toBe(false);
+  });
+
+  test("storage inputs carry the array's layout from config", () => {
+    const s = res.find((r) => r.type === "train-server:host:Script" && r.name === "server-storage")!;
+    expect(s.inputs.env).toMatchObject({
+      TS_DEVICES: "/dev/sda /dev/sdb /dev/sdc /dev/sdd",
+      TS_DATA_PROFILE: "raid10",
+      TS_METADATA_PROFILE: "raid10",
+      TS_CACHE_DEVICE: "/dev/nvme0n1p4",
+      TS_CACHE_MODE: "writeback",
+      TS_ALLOW_WIPE: "0",
+    });
+    expect(s.inputs.env.TS_SUBVOLUMES.split(" ")).toEqual(
+      expect.arrayContaining(["homes", "workspaces", "shared", "docker-volumes", "cache/pip", "cache/huggingface", "cache/gdrive", "snapshots"]),
+    );
+  });
+});
+
+describe("triggers change exactly when a script's inputs change", () => {
+  async function triggers(raw: Record<string, any>) {
+    const { resources } = await runProgram(raw);
+    return Object.fromEntries(resources.filter((r) => r.type === CMD && r.name.endsWith("-apply")).map((r) => [r.name, r.inputs.triggers[0]]));
+  }
+
+  test("the same config twice gives identical inputs for every resource", async () => {
+    const a = await runProgram(stackRaw("prod"));
+    const b = await runProgram(stackRaw("prod"));
+    expect(a.resources.map((r) => [r.name, r.inputs])).toEqual(b.resources.map((r) => [r.name, r.inputs]));
+  });
+
+  test("a storage option changes only the storage trigger", async () => {
+    const base = await triggers(stackRaw("prod"));
+    const c = clone(stackRaw("prod"));
+    c.storage.mountOptions = "noatime,compress=zstd:1,space_cache=v2";
+    const changed = await triggers(c);
+    expect(changed["server-storage-apply"]).not.toBe(base["server-storage-apply"]);
+    expect(changed["server-users-apply"]).toBe(base["server-users-apply"]);
+  });
+
+  test("a new ssh key changes only the users trigger", async () => {
+    const base = await triggers(stackRaw("prod"));
+    const c = clone(stackRaw("prod"));
+    c.users[1].sshKeys.push("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG9yZXdvcmtzZm9yYm9ib25hbmV3bGFwdG9wMTIzNA bob@new");
+    const changed = await triggers(c);
+    expect(changed["server-users-apply"]).not.toBe(base["server-users-apply"]);
+    expect(changed["server-storage-apply"]).toBe(base["server-storage-apply"]);
+  });
+
+  test("reordering the users list changes nothing", async () => {
+    const base = await triggers(stackRaw("prod"));
+    const c = clone(stackRaw("prod"));
+    c.users.reverse();
+    expect(await triggers(c)).toEqual(base);
+  });
+});
+
+describe("rig stacks", () => {
+  test("a rig's teardowns are neither protected nor retained, and storage may be wiped", async () => {
+    const raw = clone(stackRaw("minimal"));
+    raw.rig = true;
+    const { resources } = await runProgram(raw);
+    const t = step(resources, "server-storage-teardown");
+    expect([t.protect, t.retainOnDelete]).toEqual([false, false]);
+    const s = resources.find((r) => r.type === "train-server:host:Script" && r.name === "server-storage")!;
+    expect(s.inputs.env.TS_ALLOW_WIPE).toBe("1");
+  });
+});

@@ -1,0 +1,242 @@
+/**
+ * The one mocks harness: runs the train-server program (or any program function) under
+ * `pulumi.runtime.setMocks` with a given stack config and returns every registered resource with its type,
+ * name, inputs (secrets marked), parent, dependencies and resource options. Used by the unit tests, the
+ * offline plan (`npm run plan`) and the benchmarks.
+ *
+ * Parent and dependency edges are not passed to `Mocks.newResource`, so this file wraps the mock monitor's
+ * `registerResource` (an internal hook of the SDK) — keep that knowledge here and nowhere else.
+ */
+import * as pulumi from "@pulumi/pulumi";
+import * as fs from "fs";
+import * as path from "path";
+import { parse as parseYaml } from "yaml";
+
+export const PROJECT = "train-server";
+export const REPO_ROOT = path.resolve(__dirname, "..");
+
+const SECRET_SIG_KEY = "4dabf18193072939515e22adb298388d";
+const SECRET_SIG = "1b47061264138c4ac30d75fd1eb44270";
+const UNKNOWN = "04da6b54-80e4-46f7-96ec-b56ff0331ba9";
+
+/** What the program registered for one resource. */
+export interface Registered {
+  urn: string;
+  type: string;
+  name: string;
+  custom: boolean;
+  /** Inputs with secrets unwrapped to their values (placeholders in the plan). */
+  inputs: Record<string, any>;
+  /** Top-level input keys whose value is, or contains, a secret. */
+  secretInputs: string[];
+  /** Top-level input keys unknown at preview time. */
+  unknownInputs: string[];
+  parent?: string;
+  dependencies: string[];
+  protect: boolean;
+  retainOnDelete: boolean;
+  deleteBeforeReplace: boolean;
+  ignoreChanges: string[];
+  provider?: string;
+}
+
+export interface RunResult<T> {
+  resources: Registered[];
+  /** The value the program function returned, with outputs resolved. */
+  outputs: T;
+  /** Look up resources by type (exact) and optional name. */
+  byType(type: string): Registered[];
+  one(type: string, name: string): Registered;
+}
+
+/** Stack config as it appears in Pulumi.<stack>.yaml: `train-server:key` (or `key`) → value. */
+export type StackConfig = Record<string, unknown>;
+
+/** Read `Pulumi.<stack>.yaml` and return its config with `secure:` values replaced by placeholders. */
+export function readStackFile(stack: string, root = REPO_ROOT): { config: Record<string, string>; secretKeys: string[] } {
+  const file = path.join(root, `Pulumi.${stack}.yaml`);
+  if (!fs.existsSync(file)) throw new Error(`no stack file ${file} (stacks: ${listStacks(root).join(", ")})`);
+  const doc = parseYaml(fs.readFileSync(file, "utf8")) ?? {};
+  return toRuntimeConfig((doc.config ?? {}) as StackConfig);
+}
+
+export function listStacks(root = REPO_ROOT): string[] {
+  return fs
+    .readdirSync(root)
+    .map((f) => /^Pulumi\.(.+)\.yaml$/.exec(f)?.[1])
+    .filter((s): s is string => !!s)
+    .sort();
+}
+
+/** Convert stack config values to the runtime's string map; `{secure: …}` values get a placeholder. */
+export function toRuntimeConfig(cfg: StackConfig): { config: Record<string, string>; secretKeys: string[] } {
+  const config: Record<string, string> = {};
+  const secretKeys: string[] = [];
+  for (const [k, v] of Object.entries(cfg)) {
+    const key = k.includes(":") ? k : `${PROJECT}:${k}`;
+    if (v && typeof v === "object" && !Array.isArray(v) && "secure" in (v as object)) {
+      config[key] = `<secret ${key.split(":")[1]}>`;
+      secretKeys.push(key);
+    } else {
+      config[key] = typeof v === "string" ? v : JSON.stringify(v);
+    }
+  }
+  return { config, secretKeys };
+}
+
+/** Default mock values for resources whose outputs the program reads. */
+function mockState(type: string, name: string, inputs: Record<string, any>): Record<string, any> {
+  switch (type) {
+    case "command:remote:Command":
+      return { ...inputs, stdout: "", stderr: "" };
+    case "random:index/randomPassword:RandomPassword":
+      return { ...inputs, result: `mock-password-${name}`, bcryptHash: `mock-bcrypt-${name}` };
+    default:
+      return inputs;
+  }
+}
+
+function unwrap(value: any, found: { secret: boolean; unknown: boolean }): any {
+  if (value === UNKNOWN) {
+    found.unknown = true;
+    return value;
+  }
+  if (Array.isArray(value)) return value.map((v) => unwrap(v, found));
+  if (value && typeof value === "object") {
+    if (value[SECRET_SIG_KEY] === SECRET_SIG) {
+      found.secret = true;
+      return unwrap(value.value, found);
+    }
+    return Object.fromEntries(Object.entries(value).map(([k, v]) => [k, unwrap(v, found)]));
+  }
+  return value;
+}
+
+async function resolveDeep(v: any): Promise<any> {
+  if (pulumi.Output.isInstance(v)) return resolveDeep(await new Promise((res) => (v as pulumi.Output<any>).apply(res)));
+  if (v instanceof Promise) return resolveDeep(await v);
+  if (pulumi.Resource.isInstance(v)) return v;
+  if (Array.isArray(v)) return Promise.all(v.map(resolveDeep));
+  if (v && typeof v === "object" && Object.getPrototypeOf(v) === Object.prototype) {
+    const out: Record<string, any> = {};
+    for (const [k, x] of Object.entries(v)) out[k] = await resolveDeep(x);
+    return out;
+  }
+  return v;
+}
+
+export interface RunOptions {
+  stack?: string;
+  /** Run as a preview (unknowns stay unknown), as `pulumi preview` would. */
+  preview?: boolean;
+}
+
+/**
+ * Run `program` under mocks with the given runtime config (`train-server:key` → string) and secret keys.
+ * Waits for every registration and returns what was registered.
+ */
+export async function runUnderMocks<T>(
+  program: () => T,
+  config: Record<string, string>,
+  secretKeys: string[] = [],
+  opts: RunOptions = {},
+): Promise<RunResult<Awaited<T>>> {
+  const resources: Registered[] = [];
+  await pulumi.runtime.setMocks(
+    {
+      newResource: (args) => ({ id: args.inputs.name ?? `${args.name}-id`, state: mockState(args.type, args.name, args.inputs) }),
+      call: (args) => args.inputs,
+    },
+    PROJECT,
+    opts.stack ?? "test",
+    opts.preview ?? false,
+  );
+  const monitor = pulumi.runtime.getMonitor() as any;
+  const original = monitor.registerResource.bind(monitor);
+  monitor.registerResource = (req: any, callback: any) => {
+    const raw = req.getObject()?.toJavaScript() ?? {};
+    const inputs: Record<string, any> = {};
+    const secretInputs: string[] = [];
+    const unknownInputs: string[] = [];
+    for (const [k, v] of Object.entries(raw)) {
+      const found = { secret: false, unknown: false };
+      inputs[k] = unwrap(v, found);
+      if (found.secret) secretInputs.push(k);
+      if (found.unknown) unknownInputs.push(k);
+    }
+    const type: string = req.getType();
+    const name: string = req.getName();
+    const parent: string = req.getParent();
+    const entry: Registered = {
+      urn: "",
+      type,
+      name,
+      custom: req.getCustom(),
+      inputs,
+      secretInputs,
+      unknownInputs,
+      ...(parent ? { parent } : {}),
+      dependencies: req.getDependenciesList(),
+      protect: !!req.getProtect(),
+      retainOnDelete: !!req.getRetainondelete(),
+      deleteBeforeReplace: !!req.getDeletebeforereplace(),
+      ignoreChanges: req.getIgnorechangesList(),
+      ...(req.getProvider() ? { provider: req.getProvider() } : {}),
+    };
+    resources.push(entry);
+    return original(req, (err: any, resp: any) => {
+      if (resp) entry.urn = resp.getUrn();
+      callback(err, resp);
+    });
+  };
+  pulumi.runtime.setAllConfig(config, secretKeys);
+  let value: T;
+  try {
+    value = program();
+  } finally {
+    // wait for every registration, even when the program threw half way
+    await pulumi.runtime.disconnect();
+  }
+  const outputs = (await resolveDeep(value)) as Awaited<T>;
+  return {
+    resources,
+    outputs,
+    byType: (t) => resources.filter((r) => r.type === t),
+    one: (t, n) => {
+      const r = resources.find((x) => x.type === t && x.name === n);
+      if (!r) throw new Error(`no ${t} named ${n}; have: ${resources.filter((x) => x.type === t).map((x) => x.name).join(", ")}`);
+      return r;
+    },
+  };
+}
+
+/** Every resource that `urn` depends on, directly or through its ancestors' explicit dependencies. */
+export function dependsOn(res: Registered[], urn: string, target: string): boolean {
+  const byUrn = new Map(res.map((r) => [r.urn, r]));
+  const seen = new Set<string>();
+  const walk = (u: string): boolean => {
+    if (seen.has(u)) return false;
+    seen.add(u);
+    const r = byUrn.get(u);
+    if (!r) return false;
+    if (r.dependencies.includes(target)) return true;
+    // a dependency on a component means a dependency on all its children
+    for (const d of r.dependencies) {
+      if (d === target || isAncestor(res, d, target)) return true;
+      if (walk(d)) return true;
+    }
+    return r.parent ? walk(r.parent) : false;
+  };
+  return walk(urn);
+}
+
+/** Whether `ancestor` is `urn`'s parent, grandparent, … */
+export function isAncestor(res: Registered[], ancestor: string, urn: string): boolean {
+  const byUrn = new Map(res.map((r) => [r.urn, r]));
+  let cur = byUrn.get(urn)?.parent;
+  while (cur) {
+    if (cur === ancestor) return true;
+    cur = byUrn.get(cur)?.parent;
+  }
+  return false;
+}
