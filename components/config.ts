@@ -177,7 +177,11 @@ const cloudflareSchema = z
     /** Extra individual addresses admitted to team routes. */
     allowedEmails: z.array(z.string().regex(EMAIL, "must be an e-mail address")).default([]),
     requireMfa: z.boolean().default(true),
-    sessionDuration: z.string().regex(/^\d+(m|h)$/, 'must be a duration like "24h" or "30m"').default("24h"),
+    sessionDuration: z
+      .string()
+      .regex(/^\d+(m|h)$/, 'must be a duration like "24h" or "30m"')
+      .refine((d) => (d.endsWith("h") ? Number(d.slice(0, -1)) * 60 : Number(d.slice(0, -1))) <= 720 * 60, "must be at most 720h (Cloudflare's maximum session with MFA)")
+      .default("24h"),
     tunnelName: z.string().regex(/^[A-Za-z0-9_-]{1,64}$/).default("train-server"),
   })
   .strict();
@@ -204,8 +208,10 @@ const snapshotsSchema = z
     hourly: z.number().int().min(1).default(24),
     daily: z.number().int().min(1).default(7),
     weekly: z.number().int().min(1).default(4),
-    dailyAt: z.string().regex(HHMM, 'must be a time like "02:00"').default("02:00"),
-    weeklyAt: z.string().regex(HHMM, 'must be a time like "03:00"').default("03:00"),
+    /** Hour (0-23) from which the day's first hourly snapshot is kept as that day's daily snapshot. */
+    dailyHour: z.number().int().min(0).max(23).default(2),
+    /** Day whose daily snapshot is kept as the weekly one. */
+    weeklyDay: z.enum(["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]).default("sunday"),
   })
   .strict();
 
@@ -453,6 +459,8 @@ function crossCheck(c: RawConfig, issues: ConfigIssue[]): void {
     add("users", "no user has admin: true; mark at least one admin (admins reach the infrastructure routes)");
   c.users.forEach((u, i) => {
     const p = `users[${i}]`;
+    if (POSIX_USERNAME.test(u.name) && u.name.includes("_"))
+      add(`${p}.name`, `"${u.name}" contains "_", which is not allowed in its route hostnames (${u.name}-code.${c.domain}); use - instead`);
     if (!POSIX_USERNAME.test(u.name))
       add(`${p}.name`, `"${u.name}" is not a POSIX user name; use lowercase letters, digits, _ and - (max 31, not starting with a digit or -)`);
     else if (RESERVED_USERNAMES.has(u.name)) add(`${p}.name`, `"${u.name}" is reserved (system account or service name); pick another name`);
@@ -558,8 +566,8 @@ function crossCheck(c: RawConfig, issues: ConfigIssue[]): void {
   }
   if (c.dataSync?.enabled && c.dataSync.source.split(":")[0] === c.dataSync.destination.split(":")[0] && c.dataSync.source === c.dataSync.destination)
     add("dataSync.destination", "is the same as dataSync.source");
-  if (c.snapshots.dailyAt === c.backup.schedule)
-    add("backup.schedule", `runs at the same time as the daily snapshot (${c.snapshots.dailyAt}); the backup reads a fresh snapshot, schedule it later`);
+  if (c.dataSync?.enabled && c.dataSync.schedule === c.backup.schedule)
+    add("backup.schedule", `runs at the same time as dataSync.schedule (${c.backup.schedule}); both use the uplink, schedule them apart`);
 }
 
 /** Apply per-user defaults and derive slot, ports, resolved GPUs. */

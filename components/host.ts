@@ -74,6 +74,8 @@ export interface HostScriptArgs {
    * The apply command itself is never protected: it is replaced whenever its bundle changes.
    */
   keep?: boolean;
+  /** Steps that must finish first (explicit edges: a component's dependsOn is not inherited by children). */
+  after?: pulumi.Resource[];
 }
 
 /** The parts of a step bundle, all plain strings (secrets resolved inside an apply). */
@@ -222,7 +224,7 @@ export class HostScript extends pulumi.ComponentResource {
           delete: teardownCommand(name, args.host.asRoot),
           logging: "stdoutAndStderr",
         },
-        { parent: this, protect: !!args.keep, retainOnDelete: !!args.keep },
+        { parent: this, protect: !!args.keep, retainOnDelete: !!args.keep, dependsOn: args.after ?? [] },
       );
     }
     this.apply = new command.remote.Command(
@@ -235,7 +237,7 @@ export class HostScript extends pulumi.ComponentResource {
         triggers: [this.bundleHash],
         logging: secretBearing ? "none" : "stdoutAndStderr",
       },
-      { parent: this, dependsOn: teardown ? [teardown] : [] },
+      { parent: this, dependsOn: [...(args.after ?? []), ...(teardown ? [teardown] : [])] },
     );
     this.results = this.apply.stdout.apply(parseResults);
     this.registerOutputs({ results: this.results, bundleHash: this.bundleHash });

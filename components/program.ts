@@ -14,6 +14,14 @@ export function buildProgram() {
       mountpoint: server.storage.mountpoint,
       storageUuid: server.storage.uuid,
       users: server.userOutputs,
+      tunnelId: server.edge.tunnelId,
+      hostnames: server.edge.hostnames,
+      accessTable: server.accessTable,
+      localDnsHosts: server.edge.localDns.hosts,
+      localDnsDnsmasq: server.edge.localDns.dnsmasq,
+      resticPassword: server.operations.resticPassword,
+      grafanaAdminPassword: server.services.grafanaPassword,
+      driveCacheSizeGb: server.operations.driveCacheSizeGb,
     },
   };
 }

@@ -1,12 +1,23 @@
 /**
  * TrainServer: the root component. Composes everything one server needs, in dependency order, from one
- * validated ServerConfig. Nothing here is a module-level singleton, so a fleet later is a list of these.
+ * validated ServerConfig:
+ *
+ *   Host → StorageArray → UserAccounts → HostBaseline → SharedServices → WorkspaceImage → Workspace × N
+ *                                   └──→ Operations          Edge (Cloudflare) ──tunnel token──┘
+ *
+ * Nothing here is a module-level singleton, so a fleet later is a list of these.
  */
 import * as pulumi from "@pulumi/pulumi";
+import { HostBaseline } from "./baseline";
 import type { ServerConfig, ServerSecrets } from "./config";
+import { AccessEntry, Edge } from "./edge";
 import { Host } from "./host";
+import { Operations } from "./operations";
+import { buildRoutes, Route } from "./routes";
+import { SharedServices } from "./services";
 import { StorageArray } from "./storage";
 import { UserAccounts } from "./users";
+import { Workspace, WorkspaceImage } from "./workspace";
 
 export interface TrainServerArgs {
   config: ServerConfig;
@@ -20,20 +31,60 @@ export interface UserOutputs {
   desktopPort: number;
   codeUrl: string;
   jupyterUrl: string;
+  /** Password of the user's desktop, code-server and Jupyter (a secret). */
+  password: pulumi.Output<string>;
 }
 
 export class TrainServer extends pulumi.ComponentResource {
   readonly host: Host;
   readonly storage: StorageArray;
   readonly users: UserAccounts;
+  readonly baseline: HostBaseline;
+  readonly operations: Operations;
+  readonly routes: Route[];
+  readonly edge: Edge;
+  readonly services: SharedServices;
+  readonly image: WorkspaceImage;
+  readonly workspaces: Record<string, Workspace> = {};
   readonly userOutputs: Record<string, UserOutputs>;
 
   constructor(name: string, args: TrainServerArgs, opts?: pulumi.ComponentResourceOptions) {
     super("train-server:index:TrainServer", name, {}, opts);
     const { config, secrets } = args;
-    this.host = new Host(`${name}-host`, { config, privateKey: secrets.sshPrivateKey }, { parent: this });
-    this.storage = new StorageArray(`${name}-storage`, { config, host: this.host }, { parent: this });
-    this.users = new UserAccounts(`${name}-users`, { config, host: this.host }, { parent: this, dependsOn: [this.storage.ready] });
+    const parent = { parent: this };
+    this.host = new Host(`${name}-host`, { config, privateKey: secrets.sshPrivateKey }, parent);
+    this.storage = new StorageArray(`${name}-storage`, { config, host: this.host }, parent);
+    this.users = new UserAccounts(`${name}-users`, { config, host: this.host, after: [this.storage.ready] }, parent);
+    this.baseline = new HostBaseline(`${name}-baseline`, { config, host: this.host, after: [this.users.ready] }, parent);
+    this.operations = new Operations(
+      `${name}-ops`,
+      { config, host: this.host, secrets, deviceBytes: this.storage.deviceBytes, after: [this.users.ready] },
+      parent,
+    );
+
+    this.routes = buildRoutes(config);
+    this.edge = new Edge(`${name}-edge`, { config, googleClientSecret: secrets.googleClientSecret }, parent);
+    this.services = new SharedServices(
+      `${name}-services`,
+      { config, host: this.host, routes: this.routes, tunnelToken: this.edge.tunnelToken, after: [this.baseline.ready] },
+      parent,
+    );
+    this.image = new WorkspaceImage(`${name}-workspace`, { config, provider: this.services.provider }, parent);
+    for (const u of config.users) {
+      this.workspaces[u.name] = new Workspace(
+        `${name}-ws-${u.name}`,
+        {
+          config,
+          user: u,
+          image: this.image.imageName,
+          network: this.services.network.name,
+          routes: this.routes.filter((r) => r.audience.kind === "user" && r.audience.user === u.name),
+          provider: this.services.provider,
+          after: [this.users.ready],
+        },
+        parent,
+      );
+    }
     this.userOutputs = Object.fromEntries(
       config.users.map((u) => [
         u.name,
@@ -43,9 +94,15 @@ export class TrainServer extends pulumi.ComponentResource {
           desktopPort: u.desktopPort,
           codeUrl: `https://${u.name}-code.${config.domain}`,
           jupyterUrl: `https://${u.name}-jupyter.${config.domain}`,
+          password: this.workspaces[u.name].password,
         },
       ]),
     );
-    this.registerOutputs({ mountpoint: this.storage.mountpoint, uuid: this.storage.uuid, users: this.userOutputs });
+    this.registerOutputs({ mountpoint: this.storage.mountpoint, uuid: this.storage.uuid, users: this.userOutputs, tunnelId: this.edge.tunnelId });
+  }
+
+  /** hostname → backend → who may enter, as derived from the route table. */
+  get accessTable(): Record<string, AccessEntry> {
+    return this.edge.accessTable;
   }
 }

@@ -16,6 +16,7 @@ export const SUBVOLUMES = [
   "workspaces",
   "shared",
   "docker-volumes",
+  "docker-data",
   "cache",
   ...CACHE_DIRS.map((c) => `cache/${c}`),
   "snapshots",
@@ -24,6 +25,8 @@ export const SUBVOLUMES = [
 export interface StorageArrayArgs {
   config: ServerConfig;
   host: Host;
+  /** Steps that must finish first. */
+  after?: pulumi.Resource[];
 }
 
 /** TS_* inputs of storage.sh for a config (pure; tested). */
@@ -49,6 +52,8 @@ export class StorageArray extends pulumi.ComponentResource {
   readonly mountpoint: string;
   /** UUID of the BTRFS filesystem, as reported by storage.sh. */
   readonly uuid: pulumi.Output<string>;
+  /** Sizes of the array's devices in bytes, space-separated, as reported by storage.sh. */
+  readonly deviceBytes: pulumi.Output<string>;
   /** The step later components depend on. */
   readonly ready: pulumi.Resource;
 
@@ -57,11 +62,12 @@ export class StorageArray extends pulumi.ComponentResource {
     const prod = !args.config.rig;
     const step = new HostScript(
       name,
-      { host: args.host, script: "storage", env: storageEnv(args.config), keep: prod },
+      { host: args.host, script: "storage", env: storageEnv(args.config), keep: prod, after: args.after ?? [] },
       { parent: this },
     );
     this.mountpoint = args.config.storage.mountpoint;
     this.uuid = step.results.apply((r) => r.uuid ?? "");
+    this.deviceBytes = step.results.apply((r) => r.device_bytes ?? "");
     this.ready = step.apply;
     this.registerOutputs({ mountpoint: this.mountpoint, uuid: this.uuid });
   }

@@ -5,11 +5,14 @@
  */
 import * as pulumi from "@pulumi/pulumi";
 import type { ServerConfig, UserConfig } from "./config";
+import { SHARED_GID, SHARED_GROUP } from "./baseline";
 import { Host, HostScript } from "./host";
 
 export interface UserAccountsArgs {
   config: ServerConfig;
   host: Host;
+  /** Steps that must finish first. */
+  after?: pulumi.Resource[];
 }
 
 /** One TS_USERS record: `name|uid|admin|quota_gb|authorized_keys_base64`. */
@@ -25,6 +28,8 @@ export function usersEnv(config: ServerConfig): Record<string, string> {
     TS_MOUNTPOINT: config.storage.mountpoint,
     TS_USERS: users.map(userRecord).join("\n"),
     TS_STATE_DIR: "/var/lib/train-server/state",
+    TS_SHARED_GROUP: SHARED_GROUP,
+    TS_SHARED_GID: String(SHARED_GID),
     TS_ALLOW_WIPE: config.rig ? "1" : "0",
   };
 }
@@ -37,7 +42,7 @@ export class UserAccounts extends pulumi.ComponentResource {
     super("train-server:users:UserAccounts", name, {}, opts);
     const step = new HostScript(
       name,
-      { host: args.host, script: "users", env: usersEnv(args.config), keep: !args.config.rig },
+      { host: args.host, script: "users", env: usersEnv(args.config), keep: !args.config.rig, after: args.after ?? [] },
       { parent: this },
     );
     this.ready = step.apply;

@@ -15,7 +15,7 @@
 #   TS_ALLOW_WIPE        0|1; 1 only on test rigs: foreign signatures may be wiped, destroy may wipe the array
 #   TS_CONVERT_PROFILE   0|1; 1 = convert an adopted array whose profiles differ (btrfs balance ... convert)
 #   TS_FSTAB             fstab to reconcile (default /etc/fstab)
-# Results (stdout): uuid, label, mountpoint, data_profile, metadata_profile, devices, fs_devices
+# Results (stdout): uuid, label, mountpoint, data_profile, metadata_profile, devices, device_bytes, fs_devices
 #   [, cache_device, cache_set, cache_mode], for check also pending=N (changes apply would make), then changes=N.
 #
 # Identity: the array is ours when the btrfs labelled TS_LABEL spans exactly the listed devices (or, with
@@ -28,6 +28,9 @@ ACTION=$(ts_action "$@")
 require_env TS_DEVICES TS_DATA_PROFILE TS_METADATA_PROFILE 'TS_CACHE_DEVICE?' TS_CACHE_MODE TS_MOUNTPOINT \
   TS_LABEL TS_MOUNT_OPTIONS 'TS_SUBVOLUMES?' TS_ALLOW_WIPE TS_CONVERT_PROFILE
 FSTAB=${TS_FSTAB:-/etc/fstab}
+for tool in blkid wipefs findmnt blockdev mountpoint btrfs mkfs.btrfs perl numfmt; do
+  command -v "$tool" >/dev/null || die "$tool not found (needs util-linux, btrfs-progs, perl-base, coreutils)"
+done
 MP=${TS_MOUNTPOINT%/}
 LABEL=$TS_LABEL
 OPTS=$TS_MOUNT_OPTIONS
@@ -98,7 +101,10 @@ probe() {
   local dev=$1 out rc=0 k v type="" label="" uuid="" pttype="" sigs
   out=$(blkid -p -o export "$dev" 2>/dev/null) || rc=$?
   sigs=$(wipefs --noheadings -O TYPE,OFFSET "$dev" 2>/dev/null | tr -s ' \n' ' ' | sed 's/ $//') || true
-  if [[ $rc == 2 && -z $sigs ]]; then KIND[$dev]=blank; DESC[$dev]=blank; return 0; fi
+  # blank: no signature at all (rc 2), or — on a partition — only the partition-entry lines (rc 0, no TYPE/PTTYPE)
+  if [[ -z $sigs && ($rc == 2 || ($rc == 0 && ! $out =~ (^|$'\n')(TYPE|PTTYPE)=)) ]]; then
+    KIND[$dev]=blank; DESC[$dev]=blank; return 0
+  fi
   while IFS='=' read -r k v; do
     case $k in TYPE) type=$v ;; LABEL) label=$v ;; UUID) uuid=$v ;; PTTYPE) pttype=$v ;; esac
   done <<<"$out"
@@ -143,13 +149,13 @@ uses() {
   for p in "/sys/class/block/$name" "/sys/class/block/$name"/"$name"*; do
     [[ -e $p/dev ]] || continue
     pn=$(basename "$p")
-    [[ $pn == "$name" ]] || u+=("has partition $pn")
     while read -r t f; do
       [[ $f == btrfs && -n ${MOUNTED_FSID[$dev]} ]] || u+=("/dev/$pn is mounted at $t")
     done < <(findmnt -rn -S "/dev/$pn" -o TARGET,FSTYPE 2>/dev/null || true)
     awk -v d="/dev/$pn" '$1 == d {found = 1} END {exit !found}' /proc/swaps && u+=("/dev/$pn is used as swap")
     for f in "$p"/holders/*; do [[ -e $f ]] && u+=("/dev/$pn is held by $(basename "$f")"); done
-    [[ -e $p/bcache ]] && u+=("/dev/$pn is registered with bcache")
+    # a bcache device itself also has a bcache/ link (to its backing device): that is not a use of it
+    [[ -e $p/bcache && $pn != bcache[0-9]* ]] && u+=("/dev/$pn is registered with bcache")
   done
   [[ -n ${MOUNTED_FSID[$dev]} ]] && u+=("member of the mounted btrfs ${MOUNTED_FSID[$dev]}")
   if ((${#u[@]} == 0)) && ! perl -MFcntl -e 'sysopen(my $f, $ARGV[0], O_RDONLY | O_EXCL) or exit 1' "$dev"; then
@@ -181,6 +187,19 @@ survey() {
     uses "$dev"
     log "$role device $dev ($id): $(human "${SIZE[$dev]}"), ${DESC[$dev]}${USES[$dev]:+, in use: ${USES[$dev]}}"
   done
+}
+
+# warn_sizes DEV...: RAID over disks of different sizes leaves part of the larger ones unused.
+warn_sizes() {
+  local dev min="" max=0
+  for dev in "$@"; do
+    [[ -n ${SIZE[$dev]:-} ]] || continue
+    ((SIZE[$dev] > max)) && max=${SIZE[$dev]}
+    [[ -z $min ]] || ((SIZE[$dev] < min)) && min=${SIZE[$dev]}
+  done
+  if [[ -n $min ]] && ((max > min + min / 10)); then
+    log "WARNING: device sizes differ ($(human "$min") to $(human "$max")): part of the larger disks may stay unused"
+  fi
 }
 
 refuse_if_problems() {
@@ -423,7 +442,10 @@ is_subvolume() { [[ $(stat -f -c %T "$1") == btrfs && $(stat -c %i "$1") == 256 
 # ----------------------------------------------------------------------------------------- bcache layer
 BCACHE_SET=""
 require_bcache() {
-  command -v make-bcache >/dev/null || die "make-bcache not found: install bcache-tools"
+  local tool
+  for tool in make-bcache bcache-super-show; do
+    command -v "$tool" >/dev/null || die "$tool not found: install bcache-tools"
+  done
   [[ -e /sys/fs/bcache/register ]] && return 0
   if [[ $ACTION == apply ]]; then modprobe bcache 2>/dev/null || true; fi
   [[ -e /sys/fs/bcache/register ]] && return 0
@@ -434,11 +456,7 @@ require_bcache() {
 # decide_bcache: BCACHE_STATE=create|adopt from the survey of the cache device and the HDDs.
 BCACHE_STATE=""
 decide_bcache() {
-  local dev cset="" n_ours=0 foreign=() n=$((${#HDDS[@]} + 1)) rest=""
-  for dev in "$CACHE_DEV" "${HDDS[@]}"; do
-    [[ -z ${USES[$dev]:-} || ${USES[$dev]} == *"registered with bcache"* || ${USES[$dev]} == *"held by bcache"* ]] \
-      || PROBLEMS+=("$dev is in use: ${USES[$dev]}")
-  done
+  local dev cset="" n_ours=0 foreign=() n=$((${#HDDS[@]} + 1)) rest="" use
   if [[ ${KIND[$CACHE_DEV]} == bcache && $(bcache_sb "$CACHE_DEV" sb.version) == *"[cache device]"* ]]; then
     cset=$(bcache_sb "$CACHE_DEV" cset.uuid)
   fi
@@ -449,9 +467,16 @@ decide_bcache() {
     elif [[ -n $cset && ${KIND[$dev]} == bcache && $(bcache_sb "$dev" cset.uuid) == "$cset" ]] \
       && [[ $dev == "$CACHE_DEV" || $(bcache_sb "$dev" sb.version) == *"[backing device]"* ]]; then
       n_ours=$((n_ours + 1))
+      # ours may be registered (held by its bcache device), nothing else
+      use=${USES[$dev]:-}
+      use=${use//"/dev/${KNAME[$dev]} is registered with bcache"/}
+      use=$(sed -E 's#/dev/[^ ]+ is held by bcache[0-9]+##g; s/^[; ]+//; s/[; ]+$//' <<<"$use")
+      [[ -z $use ]] || PROBLEMS+=("$dev is in use: $use")
+      continue
     else
       foreign+=("$dev")
     fi
+    [[ -z ${USES[$dev]:-} ]] || PROBLEMS+=("$dev is in use: ${USES[$dev]} (free it first; nothing is wiped while in use)")
   done
   if ((n_ours == n)); then BCACHE_STATE=adopt; BCACHE_SET=$cset; return 0; fi
   if ((n_ours > 0)); then
@@ -482,6 +507,7 @@ sysblk() { echo "/sys/class/block/$(kname "$1")"; }
 
 # write_sys FILE VALUE: write one value to a sysfs attribute.
 write_sys() { printf '%s\n' "$2" >"$1"; }
+make_bcache() { make-bcache "$@" >&2; }
 
 # bcache_converge: make/register/attach/mode; sets FS_DEVS to the bcache devices (in HDD order).
 bcache_converge() {
@@ -490,7 +516,10 @@ bcache_converge() {
   WIPE_DEVS=()
   if [[ $BCACHE_STATE == create ]]; then
     [[ $TS_CACHE_MODE == writeback ]] && mode_opt=(--writeback)
-    step "make-bcache -C $CACHE_DEV -B ${HDDS[*]}" make-bcache "${mode_opt[@]}" -C "$CACHE_DEV" -B "${HDDS[@]}"
+    # make-bcache reports on stdout; stdout is for results only
+    step "make-bcache -C $CACHE_DEV -B ${HDDS[*]}" make_bcache "${mode_opt[@]}" -C "$CACHE_DEV" -B "${HDDS[@]}"
+    # udev (on a real host) registers the new devices by itself: let it finish before we look
+    if [[ $ACTION == apply ]] && command -v udevadm >/dev/null; then udevadm settle || true; fi
     if [[ $ACTION == check ]]; then
       step "register the cache set and backing devices, set cache mode $TS_CACHE_MODE, mkfs.btrfs -d $WANT_D -m $WANT_M on the bcache devices, mount, fstab, subvolumes, quotas" true
       FS_STATE=planned
@@ -498,21 +527,32 @@ bcache_converge() {
     fi
     BCACHE_SET=$(bcache_sb "$CACHE_DEV" cset.uuid)
   fi
+  # no udev here: register the cache first, then the backing devices (they attach to their set by its UUID)
   for dev in "$CACHE_DEV" "${HDDS[@]}"; do
-    [[ -e $(sysblk "$dev")/bcache ]] || step "register $dev with bcache" write_sys /sys/fs/bcache/register "$dev"
+    if [[ ! -e $(sysblk "$dev")/bcache ]]; then
+      # register_quiet: no error when udev registered it in the meantime
+      step "register $dev with bcache" write_sys /sys/fs/bcache/register_quiet "$dev"
+      [[ $ACTION == check ]] && FS_STATE=planned
+    fi
   done
-  if [[ $ACTION == check ]] && [[ ! -e /sys/fs/bcache/$BCACHE_SET ]]; then
+  if [[ $FS_STATE == planned ]]; then
     step "then reconcile cache mode, the btrfs on the bcache devices, mount, fstab, subvolumes, quotas" true
-    FS_STATE=planned
     return 0
   fi
+  wait_path present "/sys/fs/bcache/$BCACHE_SET" || die "cache set $BCACHE_SET did not appear after registering $CACHE_DEV"
   FS_DEVS=()
   for dev in "${HDDS[@]}"; do
     b=$(sysblk "$dev")/bcache
-    wait_path present "$b/dev" || die "bcache device of $dev did not appear ($b/dev)"
+    wait_path present "$b" || die "$dev did not register with bcache ($b missing)"
     if [[ ! -e $b/cache ]]; then
       step "attach $dev to cache set $BCACHE_SET" write_sys "$b/attach" "$BCACHE_SET"
     fi
+    if [[ $ACTION == check && ! -e $b/dev ]]; then
+      step "then reconcile the btrfs on the bcache devices, mount, fstab, subvolumes, quotas" true
+      FS_STATE=planned
+      return 0
+    fi
+    wait_path present "$b/dev" || die "the bcache device of $dev did not appear ($b/dev)"
     cur=$(sed -n 's/.*\[\([a-z]*\)\].*/\1/p' "$b/cache_mode")
     if [[ $cur != "$TS_CACHE_MODE" ]]; then
       step "set cache mode of $dev from $cur to $TS_CACHE_MODE" write_sys "$b/cache_mode" "$TS_CACHE_MODE"
@@ -533,6 +573,7 @@ apply_or_check() {
     require_bcache
     survey cache "$CACHE_DEV"
     survey data "${HDDS[@]}"
+    warn_sizes "${HDDS[@]}"
     [[ " ${HDDS[*]} " != *" $CACHE_DEV "* ]] || PROBLEMS+=("the cache device $CACHE_DEV is also listed as a data device")
     refuse_if_problems
     decide_bcache
@@ -544,6 +585,7 @@ apply_or_check() {
     fi
   else
     survey data "${HDDS[@]}"
+    warn_sizes "${HDDS[@]}"
     decide_fs "${FS_DEVS[@]}"
   fi
   [[ $FS_STATE == planned ]] || preflight_mount
@@ -560,6 +602,7 @@ apply_or_check() {
     result metadata_profile "$WANT_M"
   fi
   result devices "${HDDS[*]}"
+  result device_bytes "$(for dev in "${HDDS[@]}"; do printf '%s ' "${SIZE[$dev]:-0}"; done | sed 's/ $//')"
   result fs_devices "${FS_DEVS[*]}"
   if [[ -n $CACHE_DEV ]]; then
     result cache_device "$CACHE_DEV"
@@ -593,6 +636,11 @@ destroy() {
         FS_DEVS+=("/dev/$(basename "$(readlink -f "$b")")")
         KNAME[${FS_DEVS[-1]}]=$(basename "$(readlink -f "$b")")
         probe "${FS_DEVS[-1]}"
+      fi
+    done
+    for dev in "${FS_DEVS[@]}"; do
+      if [[ ${KIND[$dev]} != blank && ! (${KIND[$dev]} == btrfs && ${FSLABEL[$dev]} == "$LABEL") ]]; then
+        refuse "the bcache device $dev of cache set $cset carries ${DESC[$dev]}, not the array '$LABEL': nothing was wiped"
       fi
     done
   else

@@ -14,12 +14,16 @@ declare -A NEED=(
   [prometheus-node-exporter]=prometheus-node-exporter [shellcheck]=shellcheck [bats]=bats
   [debootstrap]=debootstrap [dockerd]=docker.io [systemd-nspawn]=systemd-container [sshd]=openssh-server
   [make-bcache]=bcache-tools [fusermount3]=fuse3 [systemd-analyze]=systemd [wipefs]=util-linux
-  [mkfs.ext4]=e2fsprogs [ssh]=openssh-client [ufw]=ufw [fail2ban-client]=fail2ban [jq]=jq [sfdisk]=fdisk
+  [mkfs.ext4]=e2fsprogs [ssh]=openssh-client [setfacl]=acl [ufw]=ufw [fail2ban-client]=fail2ban [jq]=jq [sfdisk]=fdisk
+  [btrbk]=btrbk [faketime]=faketime [qemu-system-x86_64]=qemu-system-x86 [cpio]=cpio [zstd]=zstd
+  [iptables]=iptables [unshare]=util-linux [ssh-keygen]=openssh-client
 )
 missing=()
 for tool in "${!NEED[@]}"; do
   command -v "$tool" >/dev/null 2>&1 || [[ -x /usr/sbin/$tool || -x /usr/bin/$tool ]] || missing+=("${NEED[$tool]}")
 done
+# the bcache test boots Debian's kernel in qemu (this machine's kernel has no bcache module)
+compgen -G '/boot/vmlinuz-*-amd64' >/dev/null || missing+=(linux-image-amd64)
 if ((${#missing[@]})); then
   if [[ $(id -u) != 0 ]]; then
     echo "tests/run.sh: the host tests run as root (loop devices, mounts); missing packages: ${missing[*]}" >&2
@@ -30,7 +34,8 @@ if ((${#missing[@]})); then
   if [[ ! -e /usr/sbin/policy-rc.d ]]; then printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; fi
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends $(printf '%s\n' "${missing[@]}" | sort -u) >/dev/null
+  mapfile -t packages < <(printf '%s\n' "${missing[@]}" | sort -u)
+  apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
 fi
 
 mkdir -p .test-results

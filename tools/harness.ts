@@ -18,6 +18,8 @@ export const REPO_ROOT = path.resolve(__dirname, "..");
 const SECRET_SIG_KEY = "4dabf18193072939515e22adb298388d";
 const SECRET_SIG = "1b47061264138c4ac30d75fd1eb44270";
 const UNKNOWN = "04da6b54-80e4-46f7-96ec-b56ff0331ba9";
+/** How an output unknown at preview time appears in resolved program outputs. */
+export const COMPUTED = "(computed)";
 
 /** What the program registered for one resource. */
 export interface Registered {
@@ -84,13 +86,26 @@ export function toRuntimeConfig(cfg: StackConfig): { config: Record<string, stri
   return { config, secretKeys };
 }
 
+/**
+ * Placeholder secrets for offline runs (plan, tests, bench): shaped like the real values, so every renderer's
+ * validation runs as it would on real secrets, but useless outside this repository.
+ */
+export const PLACEHOLDER_SECRETS: Record<string, string> = {
+  sshPrivateKey: "-----BEGIN OPENSSH PRIVATE KEY-----\nplaceholder-ssh-private-key\n-----END OPENSSH PRIVATE KEY-----\n",
+  telegramBotToken: "123456789:placeholder-telegram-bot-token",
+  googleClientSecret: "placeholder-google-client-secret",
+  rcloneConfig: "[gdrive]\ntype = drive\nscope = drive\nteam_drive = placeholder\n# placeholder-rclone-config\n",
+};
+
 /** Default mock values for resources whose outputs the program reads. */
-function mockState(type: string, name: string, inputs: Record<string, any>): Record<string, any> {
+function mockState(type: string, name: string, inputs: Record<string, any>, preview: boolean): Record<string, any> {
   switch (type) {
     case "command:remote:Command":
-      return { ...inputs, stdout: "", stderr: "" };
+      // in a preview a command has not run: its output is unknown, as `pulumi preview` shows it
+      return { ...inputs, stdout: preview ? UNKNOWN : "", stderr: preview ? UNKNOWN : "" };
     case "random:index/randomPassword:RandomPassword":
-      return { ...inputs, result: `mock-password-${name}`, bcryptHash: `mock-bcrypt-${name}` };
+      // the real provider marks these secret (additionalSecretOutputs); so do the mocks
+      return { ...inputs, result: pulumi.secret(`mock-password-${name}`), bcryptHash: pulumi.secret(`mock-bcrypt-${name}`) };
     default:
       return inputs;
   }
@@ -113,7 +128,12 @@ function unwrap(value: any, found: { secret: boolean; unknown: boolean }): any {
 }
 
 async function resolveDeep(v: any): Promise<any> {
-  if (pulumi.Output.isInstance(v)) return resolveDeep(await new Promise((res) => (v as pulumi.Output<any>).apply(res)));
+  if (pulumi.Output.isInstance(v)) {
+    // an unknown output (preview) never runs apply callbacks: read it through the Output's own promises
+    const o = v as any;
+    if (!(await o.isKnown)) return COMPUTED;
+    return resolveDeep(await o.promise());
+  }
   if (v instanceof Promise) return resolveDeep(await v);
   if (pulumi.Resource.isInstance(v)) return v;
   if (Array.isArray(v)) return Promise.all(v.map(resolveDeep));
@@ -144,7 +164,7 @@ export async function runUnderMocks<T>(
   const resources: Registered[] = [];
   await pulumi.runtime.setMocks(
     {
-      newResource: (args) => ({ id: args.inputs.name ?? `${args.name}-id`, state: mockState(args.type, args.name, args.inputs) }),
+      newResource: (args) => ({ id: args.inputs.name ?? `${args.name}-id`, state: mockState(args.type, args.name, args.inputs, opts.preview ?? false) }),
       call: (args) => args.inputs,
     },
     PROJECT,
@@ -210,22 +230,22 @@ export async function runUnderMocks<T>(
   };
 }
 
-/** Every resource that `urn` depends on, directly or through its ancestors' explicit dependencies. */
+/**
+ * Whether `urn` depends on `target`, directly or transitively, through explicit dependency edges. A dependency
+ * on a component counts as a dependency on all of its children (the engine waits for them). A parent's
+ * dependencies are NOT inherited by its children, so they are not followed.
+ */
 export function dependsOn(res: Registered[], urn: string, target: string): boolean {
   const byUrn = new Map(res.map((r) => [r.urn, r]));
   const seen = new Set<string>();
   const walk = (u: string): boolean => {
     if (seen.has(u)) return false;
     seen.add(u);
-    const r = byUrn.get(u);
-    if (!r) return false;
-    if (r.dependencies.includes(target)) return true;
-    // a dependency on a component means a dependency on all its children
-    for (const d of r.dependencies) {
+    for (const d of byUrn.get(u)?.dependencies ?? []) {
       if (d === target || isAncestor(res, d, target)) return true;
       if (walk(d)) return true;
     }
-    return r.parent ? walk(r.parent) : false;
+    return false;
   };
   return walk(urn);
 }
@@ -239,4 +259,27 @@ export function isAncestor(res: Registered[], ancestor: string, urn: string): bo
     cur = byUrn.get(cur)?.parent;
   }
   return false;
+}
+
+/** What changes between two runs of the program: resources added, removed, and changed (inputs or options). */
+export interface GraphDiff {
+  added: string[];
+  removed: string[];
+  changed: string[];
+}
+
+/** Key of a resource across runs: type and name (URNs are type chain + name, so this is what the engine keys on). */
+function keyOf(r: Registered): string {
+  return `${r.type}::${r.name}`;
+}
+
+export function diffRuns(before: Registered[], after: Registered[]): GraphDiff {
+  const a = new Map(before.map((r) => [keyOf(r), r]));
+  const b = new Map(after.map((r) => [keyOf(r), r]));
+  const snapshot = (r: Registered) => JSON.stringify([r.inputs, r.protect, r.retainOnDelete, r.deleteBeforeReplace, r.parent ? true : false]);
+  return {
+    added: [...b.keys()].filter((k) => !a.has(k)).sort(),
+    removed: [...a.keys()].filter((k) => !b.has(k)).sort(),
+    changed: [...b.keys()].filter((k) => a.has(k) && snapshot(a.get(k)!) !== snapshot(b.get(k)!)).sort(),
+  };
 }

@@ -6,7 +6,7 @@
  */
 import { ConfigError, CONFIG_NAMESPACE, SECRET_KEYS } from "../components/config";
 import { buildProgram } from "../components/program";
-import { listStacks, readStackFile, Registered, runUnderMocks } from "./harness";
+import { listStacks, PLACEHOLDER_SECRETS, readStackFile, Registered, runUnderMocks } from "./harness";
 
 const SHOWN_WIDTH = 100;
 
@@ -76,7 +76,7 @@ async function main(): Promise<number> {
   for (const key of SECRET_KEYS) {
     const full = `${CONFIG_NAMESPACE}:${key}`;
     if (!(full in config)) {
-      config[full] = `<placeholder ${key}>`;
+      config[full] = PLACEHOLDER_SECRETS[key];
       secretKeys.push(full);
     }
   }
@@ -99,6 +99,8 @@ async function main(): Promise<number> {
 }
 
 if (require.main === module) {
+  // a program that never settles must not look like success
+  process.exitCode = 1;
   main().then(
     (code) => process.exit(code),
     (e) => {

@@ -4,7 +4,7 @@ import * as fs from "fs";
 import * as path from "path";
 import { CONFIG_NAMESPACE, SECRET_KEYS } from "../../components/config";
 import { buildProgram } from "../../components/program";
-import { REPO_ROOT, runUnderMocks, toRuntimeConfig } from "../../tools/harness";
+import { PLACEHOLDER_SECRETS, REPO_ROOT, runUnderMocks, toRuntimeConfig } from "../../tools/harness";
 
 /** Pulumi.<stack>.yaml's config as a plain object keyed without the namespace (`host`, `users`, …). */
 export function stackRaw(stack: string): Record<string, any> {
@@ -20,7 +20,7 @@ export function clone<T>(v: T): T {
 }
 
 /** Placeholder values for every secret key. */
-export const TEST_SECRETS: Record<string, string> = Object.fromEntries(SECRET_KEYS.map((k) => [k, `test-secret-${k}-value`]));
+export const TEST_SECRETS: Record<string, string> = Object.fromEntries(SECRET_KEYS.map((k) => [k, PLACEHOLDER_SECRETS[k]]));
 
 /** Run the whole program under mocks with `raw` config (keys without namespace) plus test secrets. */
 export async function runProgram(raw: Record<string, any>, opts: { preview?: boolean; stack?: string } = {}) {

@@ -1,0 +1,122 @@
+/**
+ * Benchmarks (`npm run bench`): prints a table and saves it to bench/results/latest.md.
+ *
+ *  - offline plan time for 5, 100 and 500 users (median of several runs) and the ratio 500/5;
+ *  - the longest chain of dependent resources (remote steps and containers) for 5 vs 500 users;
+ *  - resources changed when one user joins prod (must be only that user's and shared resources);
+ *  - inputs changed between two runs of the same config (must be zero).
+ * Figures are ratios and counts from one run on one machine, never asserted as timings in tests.
+ */
+import * as fs from "fs";
+import * as path from "path";
+import { CONFIG_NAMESPACE, SECRET_KEYS } from "../components/config";
+import { buildProgram } from "../components/program";
+import { diffRuns, PLACEHOLDER_SECRETS, Registered, runUnderMocks, toRuntimeConfig } from "../tools/harness";
+import { parse as parseYaml } from "yaml";
+
+const ROOT = path.resolve(__dirname, "..");
+const RUNS = Number(process.env.BENCH_RUNS ?? 5);
+
+function prodRaw(): Record<string, any> {
+  const doc = parseYaml(fs.readFileSync(path.join(ROOT, "Pulumi.prod.yaml"), "utf8"));
+  return Object.fromEntries(Object.entries(doc.config).map(([k, v]) => [k.replace(`${CONFIG_NAMESPACE}:`, ""), v]));
+}
+
+/** prod with `n` synthetic users (no cpusets; resources scaled so the config stays valid). */
+function withUsers(n: number): Record<string, any> {
+  const raw = JSON.parse(JSON.stringify(prodRaw()));
+  const key = raw.users[0].sshKeys[0];
+  raw.host.ramGb = Math.max(raw.host.ramGb, n * 2 + 64);
+  raw.resources = { ...raw.resources, memoryGuaranteeGb: n > 5 ? 1 : 32, memoryLimitGb: n > 5 ? 16 : 100 };
+  raw.users = Array.from({ length: n }, (_, i) => ({ name: `user${i + 1}`, uid: 1000 + i, email: `user${i + 1}@example.com`, admin: i === 0, sshKeys: [key] }));
+  return raw;
+}
+
+async function run(raw: Record<string, any>) {
+  const { config } = toRuntimeConfig(raw);
+  const secretKeys = SECRET_KEYS.map((k) => `${CONFIG_NAMESPACE}:${k}`);
+  for (const k of SECRET_KEYS) config[`${CONFIG_NAMESPACE}:${k}`] = PLACEHOLDER_SECRETS[k];
+  const t0 = process.hrtime.bigint();
+  const result = await runUnderMocks(() => buildProgram().outputs, config, secretKeys, { preview: true });
+  return { ms: Number(process.hrtime.bigint() - t0) / 1e6, resources: result.resources };
+}
+
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.floor(s.length / 2)];
+}
+
+/** Longest chain of custom resources connected by dependency edges (a component edge = all its children). */
+export function longestChain(res: Registered[]): number {
+  const byUrn = new Map(res.map((r) => [r.urn, r]));
+  const children = new Map<string, string[]>();
+  for (const r of res) if (r.parent) children.set(r.parent, [...(children.get(r.parent) ?? []), r.urn]);
+  const customsUnder = (urn: string): string[] => {
+    const r = byUrn.get(urn);
+    if (!r) return [];
+    if (r.custom) return [urn];
+    return (children.get(urn) ?? []).flatMap(customsUnder);
+  };
+  const memo = new Map<string, number>();
+  const depth = (urn: string): number => {
+    if (memo.has(urn)) return memo.get(urn)!;
+    memo.set(urn, 1);
+    const r = byUrn.get(urn)!;
+    const deps = [...r.dependencies.flatMap(customsUnder), ...(r.provider ? [r.provider.split("::").slice(0, -1).join("::")] : [])].filter((d) => byUrn.has(d));
+    const d = 1 + Math.max(0, ...deps.map(depth));
+    memo.set(urn, d);
+    return d;
+  };
+  return Math.max(0, ...res.filter((r) => r.custom).map((r) => depth(r.urn)));
+}
+
+async function main(): Promise<void> {
+  const rows: string[][] = [];
+  await run(withUsers(5)); // warm-up: module loading, JIT
+  const times: Record<number, number> = {};
+  const chains: Record<number, number> = {};
+  const counts: Record<number, number> = {};
+  for (const n of [5, 100, 500]) {
+    const ms: number[] = [];
+    let last: Registered[] = [];
+    for (let i = 0; i < RUNS; i++) {
+      const r = await run(withUsers(n));
+      ms.push(r.ms);
+      last = r.resources;
+    }
+    times[n] = median(ms);
+    chains[n] = longestChain(last);
+    counts[n] = last.length;
+    rows.push([`offline plan, ${n} users`, `${times[n].toFixed(0)} ms (median of ${RUNS})`, `${counts[n]} resources`]);
+  }
+  rows.push(["plan time ratio 500/5 users", (times[500] / times[5]).toFixed(2), `resources ratio ${(counts[500] / counts[5]).toFixed(1)}`]);
+  rows.push(["longest dependency chain, 5 users", String(chains[5]), "resources in sequence"]);
+  rows.push(["longest dependency chain, 500 users", String(chains[500]), chains[500] === chains[5] ? "same: users fan out, they do not chain" : "differs"]);
+
+  const prod = prodRaw();
+  const a = await run(prod);
+  const b = await run(prod);
+  const same = diffRuns(a.resources, b.resources);
+  rows.push(["inputs changed, same config twice", String(same.added.length + same.removed.length + same.changed.length), "must be 0"]);
+
+  const frank = JSON.parse(JSON.stringify(prod));
+  frank.users.push({ name: "frank", uid: 1005, email: "frank@example.com", sshKeys: [prod.users[0].sshKeys[0]], memoryGuaranteeGb: 24, cpuset: "0-1" });
+  const c = await run(frank);
+  const d = diffRuns(a.resources, c.resources);
+  const short = (k: string) => k.split("::")[1];
+  rows.push(["frank joins prod: added", String(d.added.length), d.added.map(short).join(", ")]);
+  rows.push(["frank joins prod: changed", String(d.changed.length), d.changed.map(short).join(", ")]);
+  rows.push(["frank joins prod: removed", String(d.removed.length), d.removed.map(short).join(", ") || "-"]);
+
+  const width = [0, 1, 2].map((i) => Math.max(...rows.map((r) => r[i].length)));
+  const table = ["| measure | value | note |", "|---|---|---|", ...rows.map((r) => `| ${r[0]} | ${r[1]} | ${r[2]} |`)].join("\n");
+  console.log(rows.map((r) => r.map((c, i) => c.padEnd(width[i])).join("  ")).join("\n"));
+  fs.mkdirSync(path.join(ROOT, "bench", "results"), { recursive: true });
+  fs.writeFileSync(path.join(ROOT, "bench", "results", "latest.md"), `# npm run bench (${new Date().toISOString()})\n\n${table}\n`);
+  console.log("\nsaved bench/results/latest.md");
+}
+
+main().catch((e) => {
+  console.error(e);
+  process.exit(1);
+});

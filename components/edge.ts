@@ -1,0 +1,249 @@
+/**
+ * Edge: everything Cloudflare does for one server, derived from the route table (components/routes.ts):
+ *   - a remotely managed tunnel (ZeroTrustTunnelCloudflared, configSrc "cloudflare") with a generated secret,
+ *     and its ingress: one rule per route hostname → Traefik, then the catch-all `http_status:404`;
+ *   - a proxied CNAME per route hostname → `<tunnel id>.cfargotunnel.com` (no wildcard);
+ *   - Cloudflare Access: the Google Workspace identity provider, one reusable allow policy per audience
+ *     (admins, team, one per user) and one self-hosted application per route hostname;
+ *   - the local-DNS bypass for office users (hosts block and dnsmasq snippet, see render/localdns.ts).
+ *
+ * The invariant (tests/unit/edge.test.ts proves it over prod and hundreds of generated configs): no hostname
+ * is reachable through the tunnel without an Access application covering exactly that hostname, whose
+ * policy admits a non-empty, named set of people, through the Google IdP only. A route whose audience admits
+ * nobody (the admin routes of a server without users) is not published at all.
+ *
+ * Ordering: each DNS record and the tunnel ingress depend on the Access applications they expose, so on create
+ * the application exists before the name resolves, and on removal the name goes before the application.
+ *
+ * Prerequisites in the Cloudflare account (one-time, outside this program): a Zero Trust organisation; with
+ * `requireMfa`, Access independent MFA allowed in Access settings (the policies' mfaConfig needs it); the API
+ * token may edit Tunnels, DNS of the zone, and Access apps/policies/IdPs.
+ */
+import * as cloudflare from "@pulumi/cloudflare";
+import * as pulumi from "@pulumi/pulumi";
+import * as random from "@pulumi/random";
+import type { ServerConfig } from "./config";
+import { renderDnsmasq, renderHostsBlock } from "./render/localdns";
+import { Audience, audienceDomains, audienceEmails, buildRoutes, describeAudience, Route } from "./routes";
+
+export interface EdgeArgs {
+  config: ServerConfig;
+  /** OAuth client secret of the Google Workspace identity provider (stack secret `googleClientSecret`). */
+  googleClientSecret: pulumi.Output<string>;
+  /**
+   * Where the cloudflared connector sends every request. Default "http://traefik:80": the cloudflared
+   * container reaches Traefik on the services network; Traefik routes by Host header.
+   */
+  traefikUrl?: string;
+}
+
+/** One row of the access table: a published route and who may enter it through Cloudflare. */
+export interface AccessEntry {
+  hostname: string;
+  /** `container:port` behind Traefik. */
+  backend: string;
+  audience: Audience["kind"];
+  /** `*@domain` entries and addresses admitted (admins included on user routes). */
+  admits: string;
+}
+
+export const DEFAULT_TRAEFIK_URL = "http://traefik:80";
+/** Authenticators offered for Access independent MFA (Cloudflare API values). */
+export const MFA_AUTHENTICATORS = ["totp", "biometrics", "security_key"];
+
+/** The routes published through the tunnel: every route whose audience admits at least one person. */
+export function publishedRoutes(config: ServerConfig): Route[] {
+  return buildRoutes(config).filter(
+    (r) => audienceEmails(config, r.audience).length + audienceDomains(config, r.audience).length > 0,
+  );
+}
+
+/** Stable key of an audience: the suffix of its policy's resource name (`admins`, `team`, `user-alice`). */
+export function audienceKey(a: Audience): string {
+  return a.kind === "user" ? `user-${a.user}` : a.kind;
+}
+
+/** Route id → hostname → backend → who may enter (for the operator's note). */
+export function accessTable(config: ServerConfig): Record<string, AccessEntry> {
+  return Object.fromEntries(
+    publishedRoutes(config).map((r) => [
+      r.id,
+      { hostname: r.hostname, backend: `${r.container}:${r.port}`, audience: r.audience.kind, admits: describeAudience(config, r.audience) },
+    ]),
+  );
+}
+
+/**
+ * The Google Workspace domain of the identity provider (`appsDomain`): the first allowed domain, else the
+ * domain of the first admin's address, else of the first allowed address. Workspace secondary domains sign in
+ * through the primary one; addresses outside the Workspace cannot sign in through this IdP.
+ */
+export function workspaceDomain(config: ServerConfig): string {
+  const first = config.cloudflare.allowedDomains[0];
+  if (first) return first;
+  const email = config.users.find((u) => u.admin)?.email ?? config.cloudflare.allowedEmails[0];
+  if (!email) throw new Error("cloudflare: no Google Workspace domain: set cloudflare.allowedDomains");
+  return email.split("@")[1].toLowerCase();
+}
+
+/**
+ * The token `cloudflared tunnel run --token` takes: base64 of the JSON {a: account id, t: tunnel id,
+ * s: tunnel secret (base64)} — cloudflared's `connection.TunnelToken`, whose `s` is a []byte and so travels as
+ * base64 in JSON. Computed here rather than read with the token invoke: the secret is ours (generated below),
+ * so the token is a pure function of values we already hold; no extra API call on every preview and update.
+ */
+export function tunnelToken(accountId: string, tunnelId: string, tunnelSecretB64: string): string {
+  return Buffer.from(JSON.stringify({ a: accountId, t: tunnelId, s: tunnelSecretB64 }), "utf8").toString("base64");
+}
+
+/** Include rules of an audience: each admitted address, and each admitted Workspace domain. */
+function includesFor(config: ServerConfig, a: Audience): cloudflare.types.input.ZeroTrustAccessPolicyInclude[] {
+  return [
+    ...audienceDomains(config, a).map((domain) => ({ emailDomain: { domain } })),
+    ...audienceEmails(config, a).map((email) => ({ email: { email } })),
+  ];
+}
+
+export class Edge extends pulumi.ComponentResource {
+  readonly tunnelId: pulumi.Output<string>;
+  /** What the cloudflared connector runs with (`TUNNEL_TOKEN`). A secret. */
+  readonly tunnelToken: pulumi.Output<string>;
+  /** Every published hostname, in route-table order. */
+  readonly hostnames: string[];
+  readonly localDns: { hosts: string; dnsmasq: string };
+  readonly accessTable: Record<string, AccessEntry>;
+
+  constructor(name: string, args: EdgeArgs, opts?: pulumi.ComponentResourceOptions) {
+    super("train-server:edge:Edge", name, {}, opts);
+    const { config } = args;
+    const cf = config.cloudflare;
+    const accountId = cf.accountId;
+    const child = { parent: this };
+    const routes = publishedRoutes(config);
+    this.hostnames = routes.map((r) => r.hostname);
+    this.accessTable = accessTable(config);
+    // local-DNS bypass for the office LAN (see the trade-off in render/localdns.ts); rendered first, as its
+    // checks (IPv4 address, lowercase FQDNs) refuse a bad hostname before any Cloudflare resource is declared
+    const local = { address: config.host.lanAddress, hostnames: this.hostnames, label: config.domain };
+    this.localDns = { hosts: renderHostsBlock(local), dnsmasq: renderDnsmasq(local) };
+
+    // --- tunnel: remotely managed, with a secret we generate (48 alphanumerics ≈ 285 bits, sent as 48 bytes) ---
+    const secretSeed = new random.RandomPassword(`${name}-tunnel-secret`, { length: 48, special: false }, child);
+    const tunnelSecret = pulumi.secret(secretSeed.result.apply((s) => Buffer.from(s, "utf8").toString("base64")));
+    const tunnel = new cloudflare.ZeroTrustTunnelCloudflared(
+      `${name}-tunnel`,
+      { accountId, name: cf.tunnelName, configSrc: "cloudflare", tunnelSecret },
+      child,
+    );
+    this.tunnelId = tunnel.id;
+    this.tunnelToken = pulumi.secret(pulumi.all([tunnel.id, tunnelSecret]).apply(([id, s]) => tunnelToken(accountId, id, s)));
+
+    // --- Access: Google Workspace IdP, one policy per audience, one application per hostname ---
+    const idp = new cloudflare.ZeroTrustAccessIdentityProvider(
+      `${name}-google`,
+      {
+        accountId,
+        name: `${cf.tunnelName} Google Workspace`,
+        type: "google-apps",
+        config: { clientId: cf.googleClientId, clientSecret: pulumi.secret(args.googleClientSecret), appsDomain: workspaceDomain(config) },
+      },
+      child,
+    );
+    // MFA: Cloudflare honours IdP-reported MFA (the `amr` claim, `require auth_method: mfa`) only for Okta,
+    // Entra ID, generic OIDC and SAML — not for this Google Workspace IdP, where that rule would deny everyone.
+    // Access independent MFA (the policy's mfaConfig) asks for a second factor in Access itself instead.
+    const mfaConfig = cf.requireMfa
+      ? { mfaDisabled: false, allowedAuthenticators: MFA_AUTHENTICATORS, sessionDuration: cf.sessionDuration }
+      : undefined;
+    const policies = new Map<string, cloudflare.ZeroTrustAccessPolicy>();
+    for (const r of routes) {
+      const key = audienceKey(r.audience);
+      if (policies.has(key)) continue;
+      policies.set(
+        key,
+        new cloudflare.ZeroTrustAccessPolicy(
+          `${name}-policy-${key}`,
+          {
+            accountId,
+            name: `${cf.tunnelName} ${key}`,
+            decision: "allow",
+            includes: includesFor(config, r.audience),
+            // only identities asserted by the Google IdP count (no one-time PIN, no other IdP)
+            requires: [{ loginMethod: { id: idp.id } }],
+            ...(mfaConfig ? { mfaConfig } : {}),
+          },
+          child,
+        ),
+      );
+    }
+    const apps = new Map<string, cloudflare.ZeroTrustAccessApplication>();
+    for (const r of routes) {
+      const policy = policies.get(audienceKey(r.audience))!;
+      apps.set(
+        r.id,
+        new cloudflare.ZeroTrustAccessApplication(
+          `${name}-app-${r.id}`,
+          {
+            accountId,
+            name: `${cf.tunnelName} ${r.id}`,
+            type: "self_hosted",
+            domain: r.hostname,
+            destinations: [{ type: "public", uri: r.hostname }],
+            policies: [{ id: policy.id, precedence: 1 }],
+            allowedIdps: [idp.id],
+            autoRedirectToIdentity: true,
+            sessionDuration: cf.sessionDuration,
+            httpOnlyCookieAttribute: true,
+          },
+          // a renamed hostname gets a new application first; the old one goes only after the ingress and the
+          // DNS record (which depend on it) stopped naming the old hostname
+          { parent: this, replaceOnChanges: ["domain", "destinations"] },
+        ),
+      );
+    }
+
+    // --- the tunnel's ingress: exactly the published hostnames, then 404 for anything else ---
+    const traefik = args.traefikUrl ?? DEFAULT_TRAEFIK_URL;
+    new cloudflare.ZeroTrustTunnelCloudflaredConfig(
+      `${name}-tunnel-config`,
+      {
+        accountId,
+        tunnelId: tunnel.id,
+        source: "cloudflare",
+        config: {
+          ingresses: [
+            // the Host header Traefik routes on is pinned to the hostname whose Access application admitted the request
+            ...routes.map((r) => ({ hostname: r.hostname, service: traefik, originRequest: { httpHostHeader: r.hostname } })),
+            { service: "http_status:404" },
+          ],
+        },
+      },
+      { parent: this, dependsOn: [...apps.values()] },
+    );
+
+    // --- DNS: one proxied CNAME per hostname, created after (and removed before) its Access application ---
+    for (const r of routes) {
+      new cloudflare.DnsRecord(
+        `${name}-dns-${r.id}`,
+        {
+          zoneId: cf.zoneId,
+          name: r.hostname,
+          type: "CNAME",
+          content: pulumi.interpolate`${tunnel.id}.cfargotunnel.com`,
+          proxied: true,
+          ttl: 1,
+          comment: `train-server route ${r.id}`,
+        },
+        { parent: this, dependsOn: [apps.get(r.id)!] },
+      );
+    }
+
+    this.registerOutputs({
+      tunnelId: this.tunnelId,
+      tunnelToken: this.tunnelToken,
+      hostnames: this.hostnames,
+      localDns: this.localDns,
+      accessTable: this.accessTable,
+    });
+  }
+}

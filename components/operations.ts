@@ -1,0 +1,144 @@
+/**
+ * Operations: snapshots (btrbk), restic backups to the Drive with monthly restore verification, monthly scrub,
+ * the Drive mount, the GCS → Drive data sync, the per-user usage collector, Prometheus alert rules and
+ * alertmanager.yml — all rendered by components/render/ops.ts and installed by host-scripts/ops-install.sh.
+ *
+ * The restic password is generated here (a secret, exported so the admin can keep it offline). The step
+ * carries secret files (restic password, rclone config, alertmanager.yml with the bot token), so its whole
+ * bundle is a secret and its output logging is off.
+ */
+import * as pulumi from "@pulumi/pulumi";
+import * as random from "@pulumi/random";
+import { SHARED_GID } from "./baseline";
+import type { Profile, ServerConfig, ServerSecrets } from "./config";
+import { Host, HostScript } from "./host";
+import { driveCacheSizeGb, loadOpsScripts, opsEnabledUnits, opsFilesDir, OpsParams, renderOperations } from "./render/ops";
+
+export const TEXTFILE_DIR = "/var/lib/prometheus/node-exporter";
+
+/** Share of raw capacity a BTRFS data profile gives as usable space, over `n` devices. */
+export function profileEfficiency(profile: Profile, n: number): number {
+  switch (profile) {
+    case "single":
+    case "raid0":
+      return 1;
+    case "dup":
+    case "raid1":
+    case "raid10":
+      return 0.5;
+    case "raid1c3":
+      return 1 / 3;
+    case "raid1c4":
+      return 1 / 4;
+    case "raid5":
+      return (n - 1) / n;
+    case "raid6":
+      return (n - 2) / n;
+  }
+}
+
+/** Usable GB of the array from the device sizes storage.sh reports (`device_bytes`, space-separated). */
+export function arrayUsableGb(config: ServerConfig, deviceBytes: string): number {
+  const sizes = deviceBytes.split(/\s+/).filter(Boolean).map(Number);
+  const raw = sizes.reduce((a, b) => a + b, 0);
+  return Math.floor((raw * profileEfficiency(config.storage.dataProfile, sizes.length)) / 2 ** 30);
+}
+
+/** The Operations renderer's parameters from a config (pure; secrets and cache size passed in). */
+export function opsParams(config: ServerConfig, cacheSizeGb: number, secrets: { resticPassword: string; rcloneConfig: string; telegramBotToken: string }): OpsParams {
+  const mp = config.storage.mountpoint;
+  const b = config.backup;
+  const day = (d: number) => String(d).padStart(2, "0");
+  return {
+    mountpoint: mp,
+    users: [...config.users].sort((a, b) => a.uid - b.uid).map((u) => ({ name: u.name, uid: u.uid, quotaGb: u.quotaGb })),
+    quotaWarnPercent: config.resources.quotaWarnPercent,
+    snapshots: {
+      hourly: config.snapshots.hourly,
+      daily: config.snapshots.daily,
+      weekly: config.snapshots.weekly,
+      dailyHour: config.snapshots.dailyHour,
+      weeklyDay: config.snapshots.weeklyDay,
+      sources: ["homes/*", "docker-volumes/*"],
+    },
+    backup: {
+      repository: b.repository,
+      schedule: b.schedule,
+      uploadLimitMbit: b.uploadLimitMbit,
+      keepDaily: b.keepDaily,
+      keepWeekly: b.keepWeekly,
+      verifySchedule: `*-*-${day(b.verifyDay)} ${b.verifyAt}:00`,
+      scrubSchedule: `*-*-${day(b.scrubDay)} ${b.scrubAt}:00`,
+    },
+    drive: {
+      rcloneRemote: `${config.drive.remote}:`,
+      mountpoint: `${mp}/shared`,
+      cacheDir: `${mp}/cache/gdrive`,
+      cacheSizeGb,
+      cacheMaxAge: config.drive.cacheMaxAge,
+      uid: 0,
+      gid: SHARED_GID,
+      umask: "002",
+    },
+    ...(config.dataSync?.enabled
+      ? { dataSync: { source: config.dataSync.source, destination: config.dataSync.destination, schedule: config.dataSync.schedule, bandwidthLimit: config.dataSync.bandwidthLimit } }
+      : {}),
+    alerts: {
+      gpuTempC: config.alerts.gpuTempC,
+      fsUsedPercent: config.alerts.fsUsedPercent,
+      backupMaxAgeHours: config.alerts.backupMaxAgeHours,
+      telegramChatId: Number(config.alerts.telegramChatId),
+      telegramBotToken: secrets.telegramBotToken,
+    },
+    textfileDir: TEXTFILE_DIR,
+    secrets: { resticPassword: secrets.resticPassword, rcloneConfig: secrets.rcloneConfig },
+  };
+}
+
+export interface OperationsArgs {
+  config: ServerConfig;
+  host: Host;
+  secrets: ServerSecrets;
+  /** `device_bytes` reported by storage.sh (sizes the Drive cache when drive.cacheSizeGb is "auto"). */
+  deviceBytes: pulumi.Output<string>;
+  after?: pulumi.Resource[];
+}
+
+export class Operations extends pulumi.ComponentResource {
+  /** The restic repository password (a secret): keep a copy offline, the backups are useless without it. */
+  readonly resticPassword: pulumi.Output<string>;
+  readonly driveCacheSizeGb: pulumi.Output<number>;
+
+  constructor(name: string, args: OperationsArgs, opts?: pulumi.ComponentResourceOptions) {
+    super("train-server:operations:Operations", name, {}, opts);
+    const { config, secrets } = args;
+    const restic = new random.RandomPassword(`${name}-restic-password`, { length: 40, special: false }, { parent: this, protect: !config.rig });
+    this.resticPassword = pulumi.secret(restic.result);
+
+    const cfgCache = config.drive.cacheSizeGb;
+    this.driveCacheSizeGb =
+      cfgCache === "auto"
+        ? args.deviceBytes.apply((bytes) =>
+            driveCacheSizeGb({
+              arrayUsableGb: arrayUsableGb(config, bytes),
+              userQuotasGb: config.users.map((u) => u.quotaGb),
+              snapshotReservePercent: config.drive.snapshotReservePercent,
+            }),
+          )
+        : pulumi.output(cfgCache);
+
+    const scripts = loadOpsScripts();
+    const units = opsEnabledUnits({ ...(config.dataSync?.enabled ? { dataSync: config.dataSync } : {}) });
+    // the file names of the step are fixed by the (non-secret) layout: render once with placeholders for the keys
+    const layout = opsFilesDir(renderOperations(opsParams(config, 1, { resticPassword: "-", rcloneConfig: "-", telegramBotToken: "0:layout" }), scripts), units);
+    const rendered = pulumi
+      .all([this.resticPassword, secrets.rcloneConfig, secrets.telegramBotToken, this.driveCacheSizeGb])
+      .apply(([resticPassword, rcloneConfig, telegramBotToken, cacheGb]) =>
+        opsFilesDir(renderOperations(opsParams(config, cacheGb, { resticPassword, rcloneConfig, telegramBotToken }), scripts), units),
+      );
+    const files = Object.fromEntries(Object.keys(layout).map((k) => [k, pulumi.secret(rendered.apply((r) => r[k]))]));
+
+    new HostScript(name, { host: args.host, script: "ops-install", env: {}, files, teardown: true, after: args.after ?? [] }, { parent: this });
+    this.registerOutputs({ driveCacheSizeGb: this.driveCacheSizeGb });
+  }
+}

@@ -1,0 +1,208 @@
+/**
+ * Prometheus alert rules and the Alertmanager (0.25) configuration of the Operations area. Pure functions;
+ * YAML through the `yaml` library.
+ *
+ * Metric sources:
+ *   - the ops jobs' textfile metrics (host-scripts/ops-lib.sh): train_server_task_success{task},
+ *     train_server_task_last_success_timestamp_seconds{task}, train_server_task_last_run_timestamp_seconds{task},
+ *     train_server_btrfs_scrub_errors{type}, train_server_btrfs_device_errors{device,type},
+ *     train_server_btrfs_devices_missing{mountpoint}, train_server_mount_up{mountpoint},
+ *     train_server_user_usage_bytes{user,dir}, train_server_user_quota_bytes{user}
+ *     (label `task`, not `job`: `job` is Prometheus' own target label);
+ *   - SMART: Debian/Ubuntu prometheus-node-exporter-collectors' smartmon.sh (smartmon_device_smart_healthy{disk});
+ *   - GPU: NVIDIA's dcgm-exporter (DCGM_FI_DEV_GPU_TEMP{gpu,UUID}, degrees C);
+ *   - node-exporter: node_vmstat_oom_kill, node_filesystem_{avail,size}_bytes.
+ */
+import YAML from "yaml";
+
+export interface AlertParams {
+  /** GPU temperature threshold, degrees C (alert after 5 minutes above). */
+  gpuTempC: number;
+  /** Filesystem used-space threshold, percent. */
+  fsUsedPercent: number;
+  /** Backup older than this many hours -> critical. */
+  backupMaxAgeHours: number;
+  /** Quota warning threshold, percent (critical at 100). */
+  quotaWarnPercent: number;
+  telegramChatId: number;
+  /** Secret. Alertmanager 0.25 has no bot_token_file: the token is written into alertmanager.yml (0640). */
+  telegramBotToken: string;
+  /** Telegram API base URL (tests point it at a local fake). Default Alertmanager's https://api.telegram.org. */
+  telegramApiUrl?: string;
+  /** Array mountpoint (for the device/degraded alerts' labels). */
+  mountpoint: string;
+  /** Drive mountpoint (for DriveMountDown). */
+  driveMountpoint: string;
+  /** Whether the data sync job exists (its alert is rendered only then). Default true. */
+  dataSyncEnabled?: boolean;
+}
+
+export interface AlertRule {
+  alert: string;
+  expr: string;
+  for?: string;
+  labels: { severity: "critical" | "warning"; family: string };
+  annotations: { summary: string; description: string };
+}
+
+/** `family` groups alerts about the same thing: a critical inhibits a warning of the same family and labels. */
+export function alertRules(p: AlertParams): AlertRule[] {
+  const num = (name: string, v: number) => {
+    if (!Number.isFinite(v) || v <= 0) throw new Error(`alerts.${name} must be a positive number (got ${v})`);
+    return v;
+  };
+  const task = (t: string) => `task="${t}"`;
+  const drive = JSON.stringify(p.driveMountpoint);
+  const rules: AlertRule[] = [
+    {
+      alert: "SmartDeviceUnhealthy",
+      expr: "smartmon_device_smart_healthy == 0",
+      labels: { severity: "critical", family: "disk" },
+      annotations: { summary: "SMART health check failed on {{ $labels.disk }}", description: "smartctl reports the overall health of {{ $labels.disk }} as FAILED: replace the disk." },
+    },
+    {
+      alert: "GpuTemperatureHigh",
+      expr: `DCGM_FI_DEV_GPU_TEMP > ${num("gpuTempC", p.gpuTempC)}`,
+      for: "5m",
+      labels: { severity: "warning", family: "gpu" },
+      annotations: { summary: "GPU {{ $labels.gpu }} at {{ $value }} °C", description: `GPU {{ $labels.gpu }} has been above ${p.gpuTempC} °C for 5 minutes (cooling, airflow, fan).` },
+    },
+    {
+      alert: "BtrfsDeviceErrors",
+      expr: "train_server_btrfs_device_errors > 0",
+      labels: { severity: "critical", family: "btrfs" },
+      annotations: { summary: "btrfs {{ $labels.type }} on {{ $labels.device }}: {{ $value }}", description: "`btrfs device stats` counts errors on {{ $labels.device }}; check the disk and `btrfs device stats -z` after repair." },
+    },
+    {
+      alert: "BtrfsArrayDegraded",
+      expr: "train_server_btrfs_devices_missing > 0",
+      labels: { severity: "critical", family: "btrfs" },
+      annotations: { summary: "btrfs array {{ $labels.mountpoint }} is missing {{ $value }} device(s)", description: "The array runs degraded: replace the device (`btrfs replace`) before another one fails." },
+    },
+    {
+      alert: "OomKill",
+      expr: "increase(node_vmstat_oom_kill[10m]) > 0",
+      labels: { severity: "warning", family: "memory" },
+      annotations: { summary: "The kernel OOM-killed {{ $value }} process(es)", description: "A process was killed for lack of memory in the last 10 minutes (a workspace over its memory limit?)." },
+    },
+    {
+      alert: "UserQuotaWarning",
+      expr: `sum by (user) (train_server_user_usage_bytes) / on (user) train_server_user_quota_bytes > ${num("quotaWarnPercent", p.quotaWarnPercent) / 100}`,
+      labels: { severity: "warning", family: "quota" },
+      annotations: { summary: "{{ $labels.user }} uses {{ $value | humanizePercentage }} of their quota", description: `Home + workspace + docker volumes of {{ $labels.user }} are above ${p.quotaWarnPercent} % of the quota.` },
+    },
+    {
+      alert: "UserQuotaExceeded",
+      expr: "sum by (user) (train_server_user_usage_bytes) / on (user) train_server_user_quota_bytes > 1",
+      labels: { severity: "critical", family: "quota" },
+      annotations: { summary: "{{ $labels.user }} is over quota ({{ $value | humanizePercentage }})", description: "Home + workspace + docker volumes of {{ $labels.user }} exceed the quota: ask them to clean up." },
+    },
+    {
+      alert: "FilesystemAlmostFull",
+      expr:
+        `100 * (1 - node_filesystem_avail_bytes{fstype!~"tmpfs|ramfs|overlay|squashfs|fuse.*"} / node_filesystem_size_bytes{fstype!~"tmpfs|ramfs|overlay|squashfs|fuse.*"}) > ` +
+        num("fsUsedPercent", p.fsUsedPercent),
+      for: "10m",
+      labels: { severity: "critical", family: "filesystem" },
+      annotations: { summary: "{{ $labels.mountpoint }} is {{ $value | humanize }} % full", description: `Above ${p.fsUsedPercent} % used for 10 minutes; btrfs slows down and can fail writes when full.` },
+    },
+    {
+      alert: "BackupTooOld",
+      expr: `time() - train_server_task_last_success_timestamp_seconds{${task("backup")}} > ${num("backupMaxAgeHours", p.backupMaxAgeHours) * 3600}`,
+      labels: { severity: "critical", family: "backup" },
+      annotations: { summary: "Last successful restic backup is {{ $value | humanizeDuration }} old", description: `No successful backup in ${p.backupMaxAgeHours} hours: \`journalctl -u ts-backup\`.` },
+    },
+    {
+      alert: "BackupFailed",
+      expr: `train_server_task_success{${task("backup")}} == 0`,
+      labels: { severity: "critical", family: "backup" },
+      annotations: { summary: "The last restic backup failed", description: "`journalctl -u ts-backup` tells why; the next run is tomorrow (or `systemctl start ts-backup`)." },
+    },
+    {
+      alert: "RestoreVerificationFailed",
+      expr: `train_server_task_success{${task("verify-restore")}} == 0`,
+      labels: { severity: "critical", family: "restore" },
+      annotations: { summary: "The monthly restore verification failed", description: "Restored files differ from the snapshot or `restic check` found damage: `journalctl -u ts-verify-restore`." },
+    },
+    {
+      alert: "BtrfsScrubErrors",
+      expr: "train_server_btrfs_scrub_errors > 0",
+      labels: { severity: "critical", family: "scrub" },
+      annotations: { summary: "btrfs scrub found {{ $value }} {{ $labels.type }} error(s)", description: "The last scrub found errors (corrected ones too mean a disk is going bad): `btrfs scrub status`, `btrfs device stats`." },
+    },
+    {
+      alert: "ScrubFailed",
+      expr: `train_server_task_success{${task("scrub")}} == 0`,
+      labels: { severity: "warning", family: "scrub" },
+      annotations: { summary: "The monthly btrfs scrub did not complete cleanly", description: "`journalctl -u ts-scrub`." },
+    },
+    {
+      alert: "SnapshotFailed",
+      expr: `train_server_task_success{${task("snapshot")}} == 0 or (time() - train_server_task_last_success_timestamp_seconds{${task("snapshot")}}) > 3 * 3600`,
+      labels: { severity: "critical", family: "snapshot" },
+      annotations: { summary: "Hourly btrfs snapshots are failing", description: "No successful btrbk run in the last hours: `journalctl -u ts-snapshot`." },
+    },
+    {
+      alert: "DriveMountDown",
+      expr: `train_server_mount_up{mountpoint=${drive}} == 0`,
+      for: "5m",
+      labels: { severity: "critical", family: "drive" },
+      annotations: { summary: `Google Drive is not mounted at ${p.driveMountpoint}`, description: "`systemctl status ts-drive-mount` and `journalctl -u ts-drive-mount`." },
+    },
+    {
+      alert: "OpsMetricsStale",
+      expr: `time() - train_server_task_last_run_timestamp_seconds{${task("usage-collector")}} > 3600`,
+      labels: { severity: "warning", family: "ops" },
+      annotations: { summary: "The usage/health collector has not run for an hour", description: "Quota, btrfs device and Drive mount metrics are stale: `systemctl status ts-usage-collector.timer`." },
+    },
+  ];
+  if (p.dataSyncEnabled !== false) {
+    rules.push({
+      alert: "DataSyncFailed",
+      expr: `train_server_task_success{${task("data-sync")}} == 0`,
+      labels: { severity: "warning", family: "data-sync" },
+      annotations: { summary: "The daily bucket to Drive data sync failed", description: "`journalctl -u ts-data-sync`." },
+    });
+  }
+  return rules;
+}
+
+/** The rule file (promtool check rules). */
+export function renderAlertRules(p: AlertParams): string {
+  return (
+    "# Rendered by train-server (components/render/alerts.ts).\n" +
+    YAML.stringify({ groups: [{ name: "train-server-ops", rules: alertRules(p) }] }, { lineWidth: 0 })
+  );
+}
+
+/** Labels that identify "the same thing" for inhibition (absent on both sides counts as equal). */
+export const INHIBIT_EQUAL = ["family", "instance", "user", "mountpoint", "device", "disk", "gpu"];
+
+/** alertmanager.yml: everything to Telegram, grouped by alertname; critical repeats every 4 h, warning every 24 h. */
+export function renderAlertmanagerConfig(p: AlertParams): string {
+  if (!Number.isInteger(p.telegramChatId)) throw new Error("alerts.telegramChatId must be an integer");
+  if (!/^\d+:[A-Za-z0-9_-]+$/.test(p.telegramBotToken)) throw new Error("alerts.telegramBotToken does not look like <id>:<secret>");
+  const telegram: Record<string, unknown> = {
+    bot_token: p.telegramBotToken,
+    chat_id: p.telegramChatId,
+    parse_mode: "HTML",
+    send_resolved: true,
+  };
+  if (p.telegramApiUrl) telegram.api_url = p.telegramApiUrl;
+  const cfg = {
+    route: {
+      receiver: "telegram",
+      group_by: ["alertname"],
+      group_wait: "30s",
+      group_interval: "5m",
+      repeat_interval: "24h",
+      routes: [
+        { receiver: "telegram", matchers: ['severity="critical"'], repeat_interval: "4h" },
+        { receiver: "telegram", matchers: ['severity="warning"'], repeat_interval: "24h" },
+      ],
+    },
+    inhibit_rules: [{ source_matchers: ['severity="critical"'], target_matchers: ['severity="warning"'], equal: INHIBIT_EQUAL }],
+    receivers: [{ name: "telegram", telegram_configs: [telegram] }],
+  };
+  return "# Rendered by train-server (components/render/alerts.ts). Holds the bot token: keep 0640.\n" + YAML.stringify(cfg, { lineWidth: 0 });
+}

@@ -1,0 +1,462 @@
+/**
+ * Operations renderers: every host file of the Operations area (systemd units and timers, btrbk.conf, the jobs'
+ * environment file, secret files, the job scripts themselves, Prometheus rules, alertmanager.yml) as one map
+ * `absolute host path -> {content, mode, owner}`. Pure functions, except `loadOpsScripts` which reads the job
+ * scripts from host-scripts/ (call it once in the program and pass its result in).
+ *
+ * How it runs on the host:
+ *   ops-install.sh (run by the program) installs these files from $TS_FILES_DIR (see `opsFilesDir`) and enables
+ *   the timers. Each timer starts `ts-<job>.service`, which runs `<scriptDir>/<job>.sh apply` with
+ *   EnvironmentFile=<configDir>/ops.env (TS_* variables, see `renderOpsEnv`; no secret in it, only paths to the
+ *   root-only secret files). Every job writes `<textfileDir>/train_server_<job>.prom` atomically.
+ */
+import * as fs from "fs";
+import * as path from "path";
+import { renderAlertmanagerConfig, renderAlertRules, AlertParams } from "./alerts";
+
+export interface OpsUser {
+  /** Login name (also the directory name under homes/, workspaces/, docker-volumes/). */
+  name: string;
+  uid: number;
+  /** Soft quota over home + workspace + docker-volumes, in GiB (2^30 bytes, like `btrfs qgroup limit 1000G`). */
+  quotaGb: number;
+}
+
+export interface OpsParams {
+  /** Array mountpoint, e.g. /mnt/storage. */
+  mountpoint: string;
+  users: OpsUser[];
+  /** Warning threshold of the per-user quota alert, in percent (the critical one is 100 %). Default 80. */
+  quotaWarnPercent: number;
+  snapshots: {
+    /** How many hourly / daily / weekly read-only snapshots to keep (24 / 7 / 4). Each >= 1. */
+    hourly: number;
+    daily: number;
+    weekly: number;
+    /** Hour (0-23) from which a snapshot counts as that day's daily (and on weeklyDay, the weekly). Default 2. */
+    dailyHour: number;
+    /** Day whose daily snapshot is the weekly one. Default "sunday". */
+    weeklyDay: "monday" | "tuesday" | "wednesday" | "thursday" | "friday" | "saturday" | "sunday";
+    /**
+     * Subvolumes to snapshot, relative to the mountpoint; "*" allowed in the last part (btrbk wildcard), e.g.
+     * ["homes/*", "docker-volumes/*", "tensorboard/*"]. Each group's snapshots go to <mountpoint>/.snapshots/<group>.
+     */
+    sources: string[];
+  };
+  backup: {
+    /** restic repository, e.g. "rclone:gdrive:train-server/restic" (rclone remotes come from the rclone config). */
+    repository: string;
+    /** "HH:MM" (daily) or any systemd OnCalendar expression. Default "06:00". */
+    schedule: string;
+    /** Upload limit in Mbit/s (restic --limit-upload, converted to KiB/s). 0 = unlimited. */
+    uploadLimitMbit: number;
+    keepDaily: number;
+    keepWeekly: number;
+    /** Restore verification schedule, e.g. "*-*-01 08:00:00" (1st of the month, 08:00). */
+    verifySchedule: string;
+    /** Scrub schedule, e.g. "*-*-15 03:00:00". */
+    scrubSchedule: string;
+    /** Files restored and compared per verification. Default 50. */
+    verifySampleFiles?: number;
+    /** `restic check --read-data-subset` argument. Default "5%". */
+    verifyReadDataSubset?: string;
+  };
+  drive: {
+    /** rclone remote (with optional path), e.g. "gdrive:". */
+    rcloneRemote: string;
+    /** Where the Drive is mounted, e.g. /mnt/storage/shared. */
+    mountpoint: string;
+    /** VFS cache directory on the array, e.g. /mnt/storage/cache/gdrive. */
+    cacheDir: string;
+    /** --vfs-cache-max-size in GiB (see driveCacheSizeGb). */
+    cacheSizeGb: number;
+    /** --vfs-cache-max-age, e.g. "720h". */
+    cacheMaxAge: string;
+    /** Owner of the files as seen through the mount (--uid/--gid). Default 0 / 0. */
+    uid?: number;
+    gid?: number;
+    /** --umask. Default "002" (group-writable, for a shared group). */
+    umask?: string;
+  };
+  /** Daily copy of a bucket into the Drive; omit to disable. */
+  dataSync?: {
+    source: string;
+    destination: string;
+    /** "HH:MM" or OnCalendar. Default "04:00". */
+    schedule: string;
+    /** rclone --bwlimit value (bytes/s units: "20M" = 20 MiB/s). */
+    bandwidthLimit: string;
+    /** "copy" (never deletes at the destination, default) or "sync" (makes the destination identical). */
+    mode?: "copy" | "sync";
+  };
+  alerts: Omit<AlertParams, "mountpoint" | "driveMountpoint" | "quotaWarnPercent">;
+  /** node-exporter textfile collector directory. Default /var/lib/prometheus/node-exporter. */
+  textfileDir: string;
+  /** Per-user usage directories relative to the mountpoint, "{user}" replaced. Default homes, workspaces, docker-volumes. */
+  usageDirs?: string[];
+  /** How often the usage/health collector runs (OnCalendar). Default "*:0/15". */
+  usageSchedule?: string;
+  /** Root-only secret files' contents (the program passes secret values; files are written 0600). */
+  secrets: { resticPassword: string; rcloneConfig: string };
+  /** Where job scripts are installed. Default /usr/local/lib/train-server/ops. */
+  scriptDir?: string;
+  /** Where ops.env, btrbk.conf and the secret files go. Default /etc/train-server/ops. */
+  configDir?: string;
+  /** Prometheus rule file path. Default /etc/train-server/prometheus/rules/train-server-ops.rules.yml. */
+  rulesPath?: string;
+  /** alertmanager.yml path. Default /etc/train-server/alertmanager/alertmanager.yml. */
+  alertmanagerPath?: string;
+  /** Owner of alertmanager.yml (it holds the bot token; 0640). Default "root:65534" (the image's nobody group). */
+  alertmanagerOwner?: string;
+  /** Where the systemd units go. Default /etc/systemd/system. */
+  unitDir?: string;
+  /** State directory of the jobs (last backup id, ...). Default /var/lib/train-server/ops. */
+  stateDir?: string;
+}
+
+export interface HostFile {
+  content: string;
+  /** Octal mode, e.g. "0644". */
+  mode: string;
+  /** "user:group" (names or numbers). */
+  owner: string;
+  /** True when the content holds a secret (the program must wrap it in pulumi.secret and not log it). */
+  secret?: boolean;
+}
+
+/** The job scripts (file names under host-scripts/) installed on the host and run by the timers. */
+export const OPS_JOB_SCRIPTS = [
+  "lib.sh",
+  "ops-lib.sh",
+  "snapshot.sh",
+  "backup.sh",
+  "verify-restore.sh",
+  "scrub.sh",
+  "usage-collector.sh",
+  "data-sync.sh",
+] as const;
+export type OpsScripts = Record<(typeof OPS_JOB_SCRIPTS)[number], string>;
+
+/** Read the job scripts from host-scripts/ (the only impure function here). */
+export function loadOpsScripts(dir = path.resolve(__dirname, "..", "..", "host-scripts")): OpsScripts {
+  const out = {} as OpsScripts;
+  for (const name of OPS_JOB_SCRIPTS) out[name] = fs.readFileSync(path.join(dir, name), "utf8");
+  return out;
+}
+
+/**
+ * Size of the rclone VFS cache (reference 000, "Storage Allocation Example"): 80 % of what remains of the array
+ * after the users' quotas and the snapshot reserve (a percentage of the users' quotas). 10 000 GB usable,
+ * 5 x 1000 GB quotas, 50 % reserve -> 10000 - 5000 - 2500 = 2500 -> 2000 GB. Never negative; rounded down.
+ */
+export function driveCacheSizeGb(args: { arrayUsableGb: number; userQuotasGb: number[]; snapshotReservePercent: number }): number {
+  const quotas = args.userQuotasGb.reduce((a, b) => a + b, 0);
+  const remaining = args.arrayUsableGb - quotas - (quotas * args.snapshotReservePercent) / 100;
+  return Math.max(0, Math.floor(remaining * 0.8));
+}
+
+/** Mbit/s -> restic --limit-upload (KiB/s): 100 Mbit/s = 12 500 000 B/s = 12207 KiB/s (rounded down). */
+export function mbitToKiBps(mbit: number): number {
+  return Math.floor((mbit * 1_000_000) / 8 / 1024);
+}
+
+/** Mbit/s -> rclone --bwlimit (its units are bytes/s; "k" = KiB/s): 100 Mbit/s -> "12207k". */
+export function mbitToRcloneBwlimit(mbit: number): string {
+  return `${mbitToKiBps(mbit)}k`;
+}
+
+/** "HH:MM" -> "*-*-* HH:MM:00"; anything else is taken as an OnCalendar expression already. */
+export function toOnCalendar(schedule: string): string {
+  const m = /^(\d{1,2}):(\d{2})$/.exec(schedule.trim());
+  if (!m) return schedule.trim();
+  const h = Number(m[1]);
+  const min = Number(m[2]);
+  if (h > 23 || min > 59) throw new Error(`schedule "${schedule}": not a time of day`);
+  return `*-*-* ${String(h).padStart(2, "0")}:${m[2]}:00`;
+}
+
+/** btrbk keeps "N hours/days/weeks back" PLUS the current one, so keeping exactly N of a class means N-1 back. */
+export function btrbkPreserve(s: { hourly: number; daily: number; weekly: number }): string {
+  for (const [k, v] of Object.entries({ hourly: s.hourly, daily: s.daily, weekly: s.weekly })) {
+    if (!Number.isInteger(v) || v < 1) throw new Error(`snapshots.${k} must be an integer >= 1 (got ${v})`);
+  }
+  return `${s.hourly - 1}h ${s.daily - 1}d ${s.weekly - 1}w`;
+}
+
+const SAFE_REL = /^[A-Za-z0-9._-]+(\/[A-Za-z0-9._*-]+)*$/;
+const SAFE_ABS = /^\/[A-Za-z0-9._\/-]*$/;
+const SAFE_WORD = /^[A-Za-z0-9._:\/@%+=,-]*$/;
+
+function check(re: RegExp, what: string, v: string): string {
+  if (!re.test(v) || v.includes("..")) throw new Error(`${what}: unsafe value ${JSON.stringify(v)}`);
+  return v;
+}
+
+/** The snapshot groups: "homes/*" -> {group: "homes", subvolume: "homes/*"}. */
+export function snapshotGroups(sources: string[]): Array<{ group: string; subvolume: string; dir: string }> {
+  const seen = new Set<string>();
+  return sources.map((s) => {
+    check(SAFE_REL, "snapshots.sources", s);
+    const group = s.replace(/\/\*$/, "").replace(/\*/g, "").replace(/\//g, "-");
+    if (!group || seen.has(group)) throw new Error(`snapshots.sources: "${s}" is empty or duplicates another group`);
+    if (s.includes("*") && !/\/\*$/.test(s)) throw new Error(`snapshots.sources: "*" only as the last part ("${s}")`);
+    seen.add(group);
+    return { group, subvolume: s, dir: `.snapshots/${group}` };
+  });
+}
+
+function hourOfDay(h: number): number {
+  if (!Number.isInteger(h) || h < 0 || h > 23) throw new Error(`snapshots.dailyHour must be 0..23 (got ${h})`);
+  return h;
+}
+
+/** btrbk.conf: read-only snapshots of every source, kept exactly hourly/daily/weekly (see btrbkPreserve). */
+export function renderBtrbkConf(p: OpsParams): string {
+  const s = p.snapshots;
+  const lines = [
+    "# Rendered by train-server (components/render/ops.ts). Snapshots only, no send/receive targets.",
+    "timestamp_format        long",
+    "snapshot_create         always",
+    "snapshot_preserve_min   latest",
+    `snapshot_preserve       ${btrbkPreserve(s)}`,
+    `preserve_hour_of_day    ${hourOfDay(s.dailyHour)}`,
+    `preserve_day_of_week    ${s.weeklyDay}`,
+    "lockfile                /run/lock/train-server-btrbk.lock",
+    "",
+    `volume ${check(SAFE_ABS, "mountpoint", p.mountpoint)}`,
+  ];
+  for (const g of snapshotGroups(s.sources)) {
+    lines.push(`  subvolume ${g.subvolume}`, `    snapshot_dir ${g.dir}`);
+  }
+  return lines.join("\n") + "\n";
+}
+
+function defaults(p: OpsParams) {
+  return {
+    scriptDir: p.scriptDir ?? "/usr/local/lib/train-server/ops",
+    configDir: p.configDir ?? "/etc/train-server/ops",
+    unitDir: p.unitDir ?? "/etc/systemd/system",
+    stateDir: p.stateDir ?? "/var/lib/train-server/ops",
+    rulesPath: p.rulesPath ?? "/etc/train-server/prometheus/rules/train-server-ops.rules.yml",
+    alertmanagerPath: p.alertmanagerPath ?? "/etc/train-server/alertmanager/alertmanager.yml",
+    usageDirs: p.usageDirs ?? ["homes/{user}", "workspaces/{user}", "docker-volumes/{user}"],
+  };
+}
+
+/**
+ * ops.env: every TS_* variable the jobs read (KEY=value lines, systemd EnvironmentFile syntax, values quoted).
+ * Variables per script are listed in the header of each script.
+ */
+export function renderOpsEnv(p: OpsParams): string {
+  const d = defaults(p);
+  const groups = snapshotGroups(p.snapshots.sources);
+  for (const u of p.users) {
+    check(/^[a-z_][a-z0-9_-]*$/, "users.name", u.name);
+    if (!(u.quotaGb > 0)) throw new Error(`user ${u.name}: quotaGb must be > 0`);
+  }
+  for (const dir of d.usageDirs) check(/^[A-Za-z0-9._{}\/-]+$/, "usageDirs", dir);
+  const env: Record<string, string> = {
+    TS_MOUNTPOINT: check(SAFE_ABS, "mountpoint", p.mountpoint),
+    TS_TEXTFILE_DIR: check(SAFE_ABS, "textfileDir", p.textfileDir),
+    TS_STATE_DIR: check(SAFE_ABS, "stateDir", d.stateDir),
+    TS_BTRBK_CONF: `${d.configDir}/btrbk.conf`,
+    TS_SNAPSHOT_SOURCES: groups.map((g) => g.subvolume).join(" "),
+    TS_RESTIC_REPOSITORY: check(SAFE_WORD, "backup.repository", p.backup.repository),
+    TS_RESTIC_PASSWORD_FILE: `${d.configDir}/restic-password`,
+    TS_RCLONE_CONFIG: `${d.configDir}/rclone.conf`,
+    TS_BACKUP_LIMIT_UPLOAD_KIB: String(mbitToKiBps(p.backup.uploadLimitMbit)),
+    TS_BACKUP_KEEP_DAILY: String(p.backup.keepDaily),
+    TS_BACKUP_KEEP_WEEKLY: String(p.backup.keepWeekly),
+    TS_VERIFY_SAMPLE_FILES: String(p.backup.verifySampleFiles ?? 50),
+    TS_VERIFY_READ_DATA_SUBSET: check(/^[0-9.]+%?$|^\d+\/\d+$|^\d+[kKmMgGtT]?$/, "verifyReadDataSubset", p.backup.verifyReadDataSubset ?? "5%"),
+    TS_USERS: p.users.map((u) => `${u.name}:${Math.round(u.quotaGb * 1024 ** 3)}`).join(" "),
+    TS_USAGE_DIRS: d.usageDirs.join(" "),
+    TS_DRIVE_MOUNTPOINT: check(SAFE_ABS, "drive.mountpoint", p.drive.mountpoint),
+  };
+  if (p.dataSync) {
+    env.TS_SYNC_SOURCE = check(SAFE_WORD, "dataSync.source", p.dataSync.source);
+    env.TS_SYNC_DESTINATION = check(SAFE_WORD, "dataSync.destination", p.dataSync.destination);
+    env.TS_SYNC_BWLIMIT = check(/^(\d+(\.\d+)?[bBkKMGTP]?|off)$/, "dataSync.bandwidthLimit", p.dataSync.bandwidthLimit);
+    env.TS_SYNC_MODE = p.dataSync.mode ?? "copy";
+  }
+  const body = Object.entries(env).map(([k, v]) => `${k}="${v}"`);
+  return ["# Rendered by train-server (components/render/ops.ts): inputs of the ops jobs. No secrets here.", ...body].join("\n") + "\n";
+}
+
+interface UnitSpec {
+  description: string;
+  execStart: string;
+  /** Extra [Unit] lines. */
+  unit?: string[];
+  /** Extra [Service] lines. */
+  service?: string[];
+}
+
+/** A oneshot job service. */
+export function renderJobService(s: UnitSpec, envFile: string): string {
+  return [
+    "[Unit]",
+    `Description=${s.description}`,
+    ...(s.unit ?? []),
+    "",
+    "[Service]",
+    "Type=oneshot",
+    `EnvironmentFile=${envFile}`,
+    `ExecStart=${s.execStart}`,
+    "Nice=10",
+    "IOSchedulingClass=idle",
+    "PrivateTmp=yes",
+    ...(s.service ?? []),
+    "",
+  ].join("\n");
+}
+
+export function renderTimer(description: string, onCalendar: string, randomizedDelaySec = 0): string {
+  return [
+    "[Unit]",
+    `Description=${description}`,
+    "",
+    "[Timer]",
+    `OnCalendar=${onCalendar}`,
+    "Persistent=true",
+    ...(randomizedDelaySec ? [`RandomizedDelaySec=${randomizedDelaySec}`] : []),
+    "",
+    "[Install]",
+    "WantedBy=timers.target",
+    "",
+  ].join("\n");
+}
+
+/** The rclone mount of the Drive (VFS cache on the array). */
+export function renderDriveMountUnit(p: OpsParams): string {
+  const d = defaults(p);
+  const dr = p.drive;
+  const args = [
+    "/usr/bin/rclone mount",
+    check(SAFE_WORD, "drive.rcloneRemote", dr.rcloneRemote),
+    check(SAFE_ABS, "drive.mountpoint", dr.mountpoint),
+    `--config ${d.configDir}/rclone.conf`,
+    "--vfs-cache-mode full",
+    `--cache-dir ${check(SAFE_ABS, "drive.cacheDir", dr.cacheDir)}`,
+    `--vfs-cache-max-size ${Math.floor(dr.cacheSizeGb)}G`,
+    `--vfs-cache-max-age ${check(/^\d+(ms|s|m|h|d|w)$/, "drive.cacheMaxAge", dr.cacheMaxAge)}`,
+    "--allow-other",
+    `--uid ${dr.uid ?? 0}`,
+    `--gid ${dr.gid ?? 0}`,
+    `--umask ${check(/^0?[0-7]{3}$/, "drive.umask", dr.umask ?? "002")}`,
+    "--dir-cache-time 5m",
+    "--poll-interval 1m",
+  ];
+  return [
+    "[Unit]",
+    "Description=train-server: Google Drive mounted by rclone (VFS cache on the array)",
+    "Wants=network-online.target",
+    "After=network-online.target",
+    `RequiresMountsFor=${p.mountpoint} ${dr.cacheDir}`,
+    "",
+    "[Service]",
+    "Type=notify",
+    `ExecStartPre=/bin/mkdir -p ${dr.mountpoint} ${dr.cacheDir}`,
+    `ExecStart=${args.join(" \\\n    ")}`,
+    `ExecStop=/bin/fusermount3 -uz ${dr.mountpoint}`,
+    "Restart=on-failure",
+    "RestartSec=30",
+    "",
+    "[Install]",
+    "WantedBy=multi-user.target",
+    "",
+  ].join("\n");
+}
+
+/** Unit names of the jobs (service + timer each), the drive mount service. */
+export const OPS_UNITS = {
+  snapshot: "ts-snapshot",
+  backup: "ts-backup",
+  verify: "ts-verify-restore",
+  scrub: "ts-scrub",
+  usage: "ts-usage-collector",
+  dataSync: "ts-data-sync",
+  drive: "ts-drive-mount.service",
+} as const;
+
+/**
+ * Every host file of the Operations area, keyed by absolute host path. `scripts` = loadOpsScripts().
+ * Throws on invalid parameters (before anything reaches the host).
+ */
+export function renderOperations(p: OpsParams, scripts: OpsScripts): Record<string, HostFile> {
+  const d = defaults(p);
+  const env = `${d.configDir}/ops.env`;
+  const files: Record<string, HostFile> = {};
+  const put = (file: string, content: string, mode = "0644", owner = "root:root", secret = false) => {
+    files[file] = secret ? { content, mode, owner, secret } : { content, mode, owner };
+  };
+  const job = (name: string, script: string, desc: string, onCalendar: string, extra: Partial<UnitSpec> = {}, delay = 0) => {
+    put(`${d.unitDir}/${name}.service`, renderJobService({ description: `train-server: ${desc}`, execStart: `${d.scriptDir}/${script} apply`, ...extra }, env));
+    put(`${d.unitDir}/${name}.timer`, renderTimer(`train-server: ${desc} (schedule)`, onCalendar, delay));
+  };
+  const onArray = { unit: [`RequiresMountsFor=${p.mountpoint}`] };
+
+  for (const name of OPS_JOB_SCRIPTS) put(`${d.scriptDir}/${name}`, scripts[name], name.endsWith("lib.sh") ? "0644" : "0755");
+  put(env, renderOpsEnv(p), "0644");
+  put(`${d.configDir}/btrbk.conf`, renderBtrbkConf(p));
+  put(`${d.configDir}/restic-password`, p.secrets.resticPassword, "0600", "root:root", true);
+  put(`${d.configDir}/rclone.conf`, p.secrets.rcloneConfig, "0600", "root:root", true);
+
+  job(OPS_UNITS.snapshot, "snapshot.sh", "btrfs snapshots (btrbk)", "hourly", onArray);
+  job(OPS_UNITS.backup, "backup.sh", "restic backup to Google Drive", toOnCalendar(p.backup.schedule), {
+    unit: [...onArray.unit, "Wants=network-online.target", "After=network-online.target"],
+    service: ["TimeoutStartSec=20h"],
+  });
+  job(OPS_UNITS.verify, "verify-restore.sh", "restic restore verification", toOnCalendar(p.backup.verifySchedule), {
+    unit: [...onArray.unit, "After=network-online.target", `After=${OPS_UNITS.backup}.service`],
+  });
+  job(OPS_UNITS.scrub, "scrub.sh", "btrfs scrub", toOnCalendar(p.backup.scrubSchedule), onArray);
+  job(OPS_UNITS.usage, "usage-collector.sh", "per-user usage and btrfs health metrics", p.usageSchedule ?? "*:0/15", onArray);
+  if (p.dataSync) {
+    job(OPS_UNITS.dataSync, "data-sync.sh", "bucket to Drive data sync", toOnCalendar(p.dataSync.schedule), {
+      unit: ["Wants=network-online.target", "After=network-online.target"],
+    });
+  }
+  put(`${d.unitDir}/${OPS_UNITS.drive}`, renderDriveMountUnit(p));
+
+  const alertParams: AlertParams = {
+    ...p.alerts,
+    mountpoint: p.mountpoint,
+    driveMountpoint: p.drive.mountpoint,
+    quotaWarnPercent: p.quotaWarnPercent,
+    dataSyncEnabled: p.dataSync !== undefined,
+  };
+  put(d.rulesPath, renderAlertRules(alertParams));
+  put(d.alertmanagerPath, renderAlertmanagerConfig(alertParams), "0640", p.alertmanagerOwner ?? "root:65534", true);
+  return files;
+}
+
+/** Timers ops-install.sh enables (and the mount service), in the order it starts them. */
+export function opsEnabledUnits(p: Pick<OpsParams, "dataSync">): string[] {
+  const timers: string[] = [OPS_UNITS.snapshot, OPS_UNITS.backup, OPS_UNITS.verify, OPS_UNITS.scrub, OPS_UNITS.usage];
+  if (p.dataSync) timers.push(OPS_UNITS.dataSync);
+  return [OPS_UNITS.drive, ...timers.map((t) => `${t}.timer`)];
+}
+
+/**
+ * The files map as the $TS_FILES_DIR of ops-install.sh: one file per entry (names f001...) plus `manifest`, one
+ * line per file: `<name> <mode> <owner> <absolute path>`, and `units` (what to enable).
+ */
+export function opsFilesDir(files: Record<string, HostFile>, enabledUnits: string[]): Record<string, string> {
+  const out: Record<string, string> = {};
+  const manifest: string[] = [];
+  Object.keys(files)
+    .sort()
+    .forEach((file, i) => {
+      const f = files[file];
+      check(SAFE_ABS, "host path", file);
+      check(/^0?[0-7]{3,4}$/, "mode", f.mode);
+      check(/^[A-Za-z0-9_.-]+:[A-Za-z0-9_.-]+$/, "owner", f.owner);
+      const name = `f${String(i + 1).padStart(3, "0")}`;
+      out[name] = f.content;
+      manifest.push(`${name} ${f.mode} ${f.owner} ${file}`);
+    });
+  out.manifest = manifest.join("\n") + "\n";
+  out.units = enabledUnits.join("\n") + "\n";
+  return out;
+}

@@ -1,0 +1,191 @@
+/**
+ * The per-user workspace image (images/workspace): its content hash and the contract between the image and the
+ * container that runs it (environment, mounts, files, ports, privileges). components/workspace.ts builds the
+ * image and runs one container per user from these constants; images/workspace/entrypoint.sh reads the same
+ * names (tests/unit/workspace-image.test.ts checks that both sides agree).
+ *
+ * Pure: no Pulumi, no I/O except reading the build context in `workspaceImageHash`.
+ */
+import * as crypto from "crypto";
+import * as fs from "fs";
+import * as path from "path";
+
+/** The build context, relative to the repository root. */
+export const WORKSPACE_IMAGE_DIR = "images/workspace";
+
+/** Build targets of images/workspace/Dockerfile: `core` (system, sshd, supervisord, DinD, user handling; buildable
+ * from plain Debian/Ubuntu) and `workspace` (the default, last stage: + desktop, code-server, JupyterLab, ML stack). */
+export const WORKSPACE_TARGETS = { core: "core", full: "workspace" } as const;
+/** The Dockerfile's base-image build argument (a CUDA runtime + cuDNN Ubuntu image in production). */
+export const WORKSPACE_BASE_IMAGE_ARG = "BASE_IMAGE";
+
+/**
+ * sha256 over the sorted relative paths and contents of every regular file in the build context, so that any
+ * Dockerfile/config change changes it and nothing else does (not mtimes, not modes, not the checkout path).
+ * Use it in the image tag and in the container's replace trigger. Symlinks and special files are refused:
+ * the Docker build context would follow or drop them, and the hash must describe exactly what is built.
+ */
+export function workspaceImageHash(dir: string = WORKSPACE_IMAGE_DIR): string {
+  const root = path.resolve(dir);
+  const files: string[] = [];
+  const walk = (d: string): void => {
+    for (const e of fs.readdirSync(d, { withFileTypes: true })) {
+      const p = path.join(d, e.name);
+      if (e.isDirectory()) walk(p);
+      else if (e.isFile()) files.push(path.relative(root, p).split(path.sep).join("/"));
+      else throw new Error(`workspaceImageHash: ${p} is not a regular file or directory; the build context must hold only files`);
+    }
+  };
+  walk(root);
+  files.sort();
+  const h = crypto.createHash("sha256");
+  for (const f of files) {
+    const content = fs.readFileSync(path.join(root, f));
+    // length-prefixed, so that no two different trees can produce the same byte stream
+    h.update(`${Buffer.byteLength(f)}:${f}\0${content.length}:`);
+    h.update(content);
+    h.update("\0");
+  }
+  return h.digest("hex");
+}
+
+/** Environment variables the entrypoint reads (the container's env; none of them is secret). */
+export const WORKSPACE_ENV = {
+  /** The user's login name (^[a-z_][a-z0-9_-]{0,31}$, not root). Required. */
+  user: "WORKSPACE_USER",
+  /** The user's stable host uid (1000..59999): files in the bind-mounted home keep their owner. Required. */
+  uid: "WORKSPACE_UID",
+  /** The user's primary gid; default = uid (users.sh gives every user a group with gid = uid). */
+  gid: "WORKSPACE_GID",
+  /** Group owning the shared caches on the host (users.sh/baseline.sh: mlusers); default "mlusers". */
+  sharedGroup: "WORKSPACE_SHARED_GROUP",
+  /** Its gid; default 2000. The user joins it inside the container so the /cache/* mounts are writable. */
+  sharedGid: "WORKSPACE_SHARED_GID",
+} as const;
+
+/** Defaults the entrypoint applies when the optional variables are absent. */
+export const WORKSPACE_DEFAULTS = { sharedGroup: "mlusers", sharedGid: 2000 } as const;
+
+/**
+ * The user's password (sudo, code-server, JupyterLab) is read from this file only: never from an environment
+ * variable, never logged. Bind-mount it read-only from a host file owned by root with mode 0400 (0600 works);
+ * the entrypoint refuses a file readable by group or others, an empty one, or one with more than one line.
+ */
+export const WORKSPACE_PASSWORD_FILE = "/run/secrets/workspace-password";
+
+/** Where the user's home is mounted: `${WORKSPACE_HOME_PARENT}/<user>`. */
+export const WORKSPACE_HOME_PARENT = "/home";
+
+/**
+ * Per-user container state that must survive an image update (container replacement): the inner dockerd's
+ * data root (`docker/`) and the container's SSH host keys (`ssh/`, so users never see a host-key change).
+ * Mount the user's docker-volumes subvolume here, read-write.
+ */
+export const WORKSPACE_STATE_DIR = "/var/lib/workspace";
+/** Docker-in-Docker data root, inside the state mount. */
+export const WORKSPACE_DIND_DATA_ROOT = `${WORKSPACE_STATE_DIR}/docker`;
+
+/** The user's fast scratch space (host: workspaces/<user>), read-write. */
+export const WORKSPACE_SCRATCH_DIR = "/workspace";
+/** The team's shared drive (host: the rclone mount / shared subvolume), read-write. */
+export const WORKSPACE_SHARED_DIR = "/shared";
+
+/** Shared download caches: host `<array>/cache/<name>` (group mlusers, setgid + default ACL) → `/cache/<name>`. */
+export const WORKSPACE_CACHE_MOUNTS = ["pip", "conda", "huggingface", "torch", "go", "npm"] as const;
+export type WorkspaceCache = (typeof WORKSPACE_CACHE_MOUNTS)[number];
+
+/**
+ * Cache environment, exactly as in images/workspace/cache.env (baked into the image: /etc/environment for SSH
+ * and X2Go sessions, /etc/profile.d for login shells, the supervisord environment for code-server, JupyterLab
+ * and dockerd). Hugging Face: only the hub and datasets caches are shared (HF_HUB_CACHE, HF_DATASETS_CACHE);
+ * HF_HOME stays in the user's home, because it also holds the user's access token, which must not land in a
+ * directory every user can read.
+ */
+export const WORKSPACE_CACHE_ENV: Readonly<Record<string, string>> = Object.freeze({
+  PIP_CACHE_DIR: "/cache/pip",
+  CONDA_PKGS_DIRS: "/cache/conda",
+  HF_HUB_CACHE: "/cache/huggingface/hub",
+  HF_DATASETS_CACHE: "/cache/huggingface/datasets",
+  TORCH_HOME: "/cache/torch",
+  GOMODCACHE: "/cache/go",
+  npm_config_cache: "/cache/npm",
+});
+
+/** Ports inside the container. The host publishes SSH as 2222+slot; code-server and JupyterLab go through
+ * Traefik on the docker network (not published). X2Go runs over SSH: no desktop port of its own. */
+export const WORKSPACE_PORTS = { ssh: 22, codeServer: 8080, jupyter: 8888 } as const;
+
+/** supervisord programs of each target (all must be RUNNING for the healthcheck to pass). */
+export const WORKSPACE_PROGRAMS = {
+  core: ["dockerd", "sshd"],
+  full: ["code-server", "dockerd", "jupyter", "sshd", "x2go-cleansessions"],
+} as const;
+
+/** One bind mount of the workspace container. */
+export interface WorkspaceMount {
+  /** Path on the host. */
+  source: string;
+  /** Path in the container. */
+  target: string;
+  readOnly: boolean;
+}
+
+/** Host paths of one user's container (all must exist before the container starts: the entrypoint refuses to
+ * start when the home or the state dir is not a mount, so nothing is ever written into the image layer). */
+export interface WorkspaceMountParams {
+  user: string;
+  /** The user's home subvolume, e.g. /mnt/storage/homes/alice (owned by the user's uid). */
+  home: string;
+  /** The user's scratch subvolume, e.g. /mnt/storage/workspaces/alice. */
+  scratch: string;
+  /** The user's state subvolume, e.g. /mnt/storage/docker-volumes/alice. */
+  state: string;
+  /** Parent of the shared caches, e.g. /mnt/storage/cache (holding pip, conda, huggingface, ...). */
+  cacheRoot: string;
+  /** Host file holding the password (root:root 0400). */
+  passwordFile: string;
+  /** The shared drive, e.g. /shared; omitted: not mounted. */
+  shared?: string;
+}
+
+const USER_NAME = /^[a-z_][a-z0-9_-]{0,31}$/;
+
+/** The exact bind mounts of one user's workspace container. */
+export function workspaceMounts(p: WorkspaceMountParams): WorkspaceMount[] {
+  if (!USER_NAME.test(p.user) || p.user === "root") throw new Error(`workspaceMounts: "${p.user}" is not a valid non-root login`);
+  for (const [k, v] of Object.entries(p)) {
+    if (k !== "user" && v !== undefined && !path.isAbsolute(v)) throw new Error(`workspaceMounts: ${k} "${v}" is not an absolute path`);
+  }
+  const mounts: WorkspaceMount[] = [
+    { source: p.home, target: `${WORKSPACE_HOME_PARENT}/${p.user}`, readOnly: false },
+    { source: p.scratch, target: WORKSPACE_SCRATCH_DIR, readOnly: false },
+    { source: p.state, target: WORKSPACE_STATE_DIR, readOnly: false },
+    { source: p.passwordFile, target: WORKSPACE_PASSWORD_FILE, readOnly: true },
+    ...WORKSPACE_CACHE_MOUNTS.map((c) => ({ source: path.posix.join(p.cacheRoot, c), target: `/cache/${c}`, readOnly: false })),
+  ];
+  if (p.shared !== undefined) mounts.push({ source: p.shared, target: WORKSPACE_SHARED_DIR, readOnly: false });
+  return mounts;
+}
+
+/** The container's environment (no secrets). */
+export function workspaceEnv(p: { user: string; uid: number; gid?: number; sharedGroup?: string; sharedGid?: number }): Record<string, string> {
+  if (!USER_NAME.test(p.user) || p.user === "root") throw new Error(`workspaceEnv: "${p.user}" is not a valid non-root login`);
+  if (!Number.isInteger(p.uid) || p.uid < 1000 || p.uid > 59999) throw new Error(`workspaceEnv: uid ${p.uid} is outside 1000..59999`);
+  return {
+    [WORKSPACE_ENV.user]: p.user,
+    [WORKSPACE_ENV.uid]: String(p.uid),
+    [WORKSPACE_ENV.gid]: String(p.gid ?? p.uid),
+    [WORKSPACE_ENV.sharedGroup]: p.sharedGroup ?? WORKSPACE_DEFAULTS.sharedGroup,
+    [WORKSPACE_ENV.sharedGid]: String(p.sharedGid ?? WORKSPACE_DEFAULTS.sharedGid),
+  };
+}
+
+/**
+ * Privileges: Docker-in-Docker needs a privileged container (mounts, cgroups, iptables and devices for the inner
+ * dockerd; no narrower capability set runs dockerd). Consequence the admin must accept: sudo inside a workspace
+ * is root on the host (all host devices are visible). The documented trade-off of a trusted team; the way out
+ * is a sysbox runtime or rootless Docker, not a capability list.
+ */
+export const WORKSPACE_PRIVILEGED = true;
+/** dockerd inside needs time to stop its containers: give `docker stop` this long before SIGKILL. */
+export const WORKSPACE_STOP_TIMEOUT_S = 60;

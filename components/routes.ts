@@ -1,0 +1,102 @@
+/**
+ * The route table: every public hostname → its backend (container and port) → who may enter.
+ * Traefik labels, the tunnel's ingress, DNS records, Access applications/policies and the local-DNS output
+ * are all derived from this one table, so no route can be public without an Access policy.
+ */
+import type { ServerConfig, ServiceName, UserConfig } from "./config";
+
+/** Who may reach a route through Cloudflare Access. */
+export type Audience =
+  /** admins only (infrastructure: dashboards, metrics, container control) */
+  | { kind: "admins" }
+  /** the whole team: allowed Workspace domains and addresses */
+  | { kind: "team" }
+  /** one user (and the admins) */
+  | { kind: "user"; user: string };
+
+export interface Route {
+  /** Stable id, used in resource names: `grafana`, `alice-code`. */
+  id: string;
+  /** Fully qualified hostname, e.g. `grafana.example.com`. */
+  hostname: string;
+  /** Docker container name of the backend on the services network. */
+  container: string;
+  /** Port the backend listens on inside its container. */
+  port: number;
+  audience: Audience;
+}
+
+/** The backends of the shared services: container name and internal port. */
+export const SERVICE_BACKENDS: Record<ServiceName, { container: string; port: number; audience: Audience["kind"] }> = {
+  traefik: { container: "traefik", port: 8080, audience: "admins" },
+  netdata: { container: "netdata", port: 19999, audience: "admins" },
+  prometheus: { container: "prometheus", port: 9090, audience: "admins" },
+  grafana: { container: "grafana", port: 3000, audience: "admins" },
+  portainer: { container: "portainer", port: 9000, audience: "admins" },
+  dozzle: { container: "dozzle", port: 8080, audience: "admins" },
+  tensorboard: { container: "tensorboard", port: 6006, audience: "team" },
+  filebrowser: { container: "filebrowser", port: 80, audience: "team" },
+};
+
+/** Per-user web routes of a workspace container: suffix → internal port. */
+export const WORKSPACE_ROUTES = { code: 8080, jupyter: 8888 } as const;
+
+/** Container name of a user's workspace. */
+export function workspaceContainer(user: Pick<UserConfig, "name">): string {
+  return `workspace-${user.name}`;
+}
+
+/** The whole route table of a server, services first, then users by uid. */
+export function buildRoutes(config: ServerConfig): Route[] {
+  const routes: Route[] = [];
+  for (const [svc, b] of Object.entries(SERVICE_BACKENDS) as Array<[ServiceName, (typeof SERVICE_BACKENDS)[ServiceName]]>) {
+    const label = config.hostnames[svc];
+    routes.push({
+      id: svc,
+      hostname: `${label}.${config.domain}`,
+      container: b.container,
+      port: b.port,
+      audience: b.audience === "team" ? { kind: "team" } : { kind: "admins" },
+    });
+  }
+  for (const u of [...config.users].sort((a, b) => a.uid - b.uid)) {
+    for (const [suffix, port] of Object.entries(WORKSPACE_ROUTES)) {
+      routes.push({
+        id: `${u.name}-${suffix}`,
+        hostname: `${u.name}-${suffix}.${config.domain}`,
+        container: workspaceContainer(u),
+        port,
+        audience: { kind: "user", user: u.name },
+      });
+    }
+  }
+  return routes;
+}
+
+/** The e-mail addresses an audience admits (domains are separate: see `audienceDomains`). */
+export function audienceEmails(config: ServerConfig, audience: Audience): string[] {
+  const admins = config.users.filter((u) => u.admin).map((u) => u.email);
+  switch (audience.kind) {
+    case "admins":
+      return [...new Set(admins)].sort();
+    case "team":
+      return [...new Set([...config.cloudflare.allowedEmails.map((e) => e.toLowerCase()), ...config.users.map((u) => u.email)])].sort();
+    case "user": {
+      const u = config.users.find((x) => x.name === audience.user);
+      if (!u) throw new Error(`route audience names unknown user ${audience.user}`);
+      return [...new Set([u.email, ...admins])].sort();
+    }
+  }
+}
+
+/** Workspace domains an audience admits (only the team audience admits whole domains). */
+export function audienceDomains(config: ServerConfig, audience: Audience): string[] {
+  return audience.kind === "team" ? [...config.cloudflare.allowedDomains].sort() : [];
+}
+
+/** A readable description of who may enter, for notes and the plan. */
+export function describeAudience(config: ServerConfig, audience: Audience): string {
+  const emails = audienceEmails(config, audience);
+  const domains = audienceDomains(config, audience).map((d) => `*@${d}`);
+  return [...domains, ...emails].join(", ");
+}

@@ -1,0 +1,268 @@
+/**
+ * SharedServices: the Docker provider over SSH, the services network, and the shared web services as
+ * containers with pinned images, persistent data under the array's docker-volumes, health checks, restart
+ * policies and Traefik routes from the route table. Also the exporters Prometheus scrapes (cAdvisor, and
+ * DCGM on GPU hosts) and the cloudflared connector of the tunnel.
+ */
+import * as docker from "@pulumi/docker";
+import * as pulumi from "@pulumi/pulumi";
+import * as random from "@pulumi/random";
+import type { ServerConfig } from "./config";
+import { TEXTFILE_DIR } from "./operations";
+import { Host, HostScript } from "./host";
+import { renderGrafanaDashboardProvider, renderGrafanaDashboards, renderGrafanaDatasources, renderPrometheusConfig, SERVICES_NETWORK, traefikLabels } from "./render/services";
+import type { Route } from "./routes";
+
+/** Pinned images (update deliberately: a tag change replaces that container and nothing else). */
+export const SERVICE_IMAGES = {
+  traefik: "traefik:v3.1.6",
+  netdata: "netdata/netdata:v1.47.5",
+  prometheus: "prom/prometheus:v2.54.1",
+  grafana: "grafana/grafana-oss:11.2.2",
+  tensorboard: "tensorflow/tensorflow:2.17.0",
+  filebrowser: "filebrowser/filebrowser:v2.31.2",
+  dozzle: "amir20/dozzle:v8.5.4",
+  portainer: "portainer/portainer-ce:2.21.4",
+  cadvisor: "gcr.io/cadvisor/cadvisor:v0.49.1",
+  nodeExporter: "prom/node-exporter:v1.8.2",
+  alertmanager: "prom/alertmanager:v0.27.0",
+  dcgmExporter: "nvcr.io/nvidia/k8s/dcgm-exporter:3.3.8-3.6.0-ubuntu22.04",
+  cloudflared: "cloudflare/cloudflared:2024.10.1",
+} as const;
+
+/** The eight shared web services of the mission (each has a route). */
+export const WEB_SERVICES = ["traefik", "netdata", "prometheus", "grafana", "tensorboard", "filebrowser", "dozzle", "portainer"] as const;
+
+/** Persistent data of a service: host dir under docker-volumes, and the uid:gid that owns it. */
+export const SERVICE_DATA: Record<string, { owner: string }> = {
+  netdata: { owner: "201:201" },
+  prometheus: { owner: "65534:65534" },
+  alertmanager: { owner: "65534:65534" },
+  grafana: { owner: "472:0" },
+  filebrowser: { owner: "0:0" },
+  portainer: { owner: "0:0" },
+};
+
+export interface SharedServicesArgs {
+  config: ServerConfig;
+  host: Host;
+  routes: Route[];
+  /** The cloudflared connector's token (a secret); without it no connector is run. */
+  tunnelToken?: pulumi.Output<string>;
+  /** Steps that must finish first (Docker installed, array mounted). */
+  after?: pulumi.Resource[];
+}
+
+/** `ssh://user@host:port` for the Docker provider (the system ssh client and agent supply the key). */
+export function dockerHost(config: ServerConfig): string {
+  return `ssh://${config.host.sshUser}@${config.host.address}:${config.host.sshPort}`;
+}
+
+export class SharedServices extends pulumi.ComponentResource {
+  readonly provider: docker.Provider;
+  readonly network: docker.Network;
+  readonly containers: Record<string, docker.Container> = {};
+  readonly grafanaPassword: pulumi.Output<string>;
+
+  constructor(name: string, args: SharedServicesArgs, opts?: pulumi.ComponentResourceOptions) {
+    super("train-server:services:SharedServices", name, {}, opts);
+    const { config, routes } = args;
+    const volumes = `${config.storage.mountpoint}/docker-volumes`;
+    const dataDir = (svc: string) => `${volumes}/${svc}`;
+
+    const dirs = new HostScript(
+      `${name}-data-dirs`,
+      {
+        host: args.host,
+        script: "service-dirs",
+        env: { TS_DIRS: Object.entries(SERVICE_DATA).map(([svc, d]) => `${dataDir(svc)} ${d.owner} 0750`).join("\n") },
+        teardown: false,
+        after: args.after ?? [],
+      },
+      { parent: this },
+    );
+
+    this.provider = new docker.Provider(
+      `${name}-docker`,
+      { host: dockerHost(config), sshOpts: ["-o", "BatchMode=yes", "-o", "ServerAliveInterval=30", "-o", "StrictHostKeyChecking=yes"] },
+      { parent: this, dependsOn: args.after ?? [] },
+    );
+    const child = { parent: this, provider: this.provider };
+    this.network = new docker.Network(`${name}-network`, { name: SERVICES_NETWORK, driver: "bridge", attachable: true }, { ...child, dependsOn: args.after ?? [] });
+
+    const routesOf = (container: string) => routes.filter((r) => r.container === container);
+    const base = (svc: string): Partial<docker.ContainerArgs> => ({
+      name: svc,
+      restart: "unless-stopped",
+      networksAdvanced: [{ name: this.network.name, aliases: [svc] }],
+      labels: Object.entries(traefikLabels(routesOf(svc))).map(([label, value]) => ({ label, value })),
+    });
+    const make = (svc: string, a: docker.ContainerArgs, extraDeps: pulumi.Resource[] = []) => {
+      this.containers[svc] = new docker.Container(`${name}-${svc}`, { ...base(svc), ...a }, { ...child, deleteBeforeReplace: true, dependsOn: [dirs.apply, ...extraDeps] });
+      return this.containers[svc];
+    };
+    const sock = { hostPath: "/var/run/docker.sock", containerPath: "/var/run/docker.sock", readOnly: true };
+
+    make("traefik", {
+      image: SERVICE_IMAGES.traefik,
+      command: [
+        "--providers.docker=true",
+        "--providers.docker.exposedbydefault=false",
+        `--providers.docker.network=${SERVICES_NETWORK}`,
+        "--entrypoints.web.address=:80",
+        "--api.dashboard=true",
+        "--api.insecure=true",
+        "--metrics.prometheus=true",
+        "--ping=true",
+        "--accesslog=true",
+      ],
+      // LAN users reach Traefik directly (local-DNS bypass); the tunnel reaches it over the network
+      ports: [{ internal: 80, external: 80, ip: config.host.lanAddress }],
+      volumes: [sock],
+      healthcheck: { tests: ["CMD", "traefik", "healthcheck", "--ping"], interval: "30s", timeout: "5s", retries: 3 },
+    });
+
+    make("netdata", {
+      image: SERVICE_IMAGES.netdata,
+      hostname: "train-server",
+      pidMode: "host",
+      capabilities: { adds: ["SYS_PTRACE", "SYS_ADMIN", "SYS_RAWIO"] },
+      securityOpts: ["apparmor=unconfined"],
+      volumes: [
+        { hostPath: `${dataDir("netdata")}/config`, containerPath: "/etc/netdata" },
+        { hostPath: `${dataDir("netdata")}/lib`, containerPath: "/var/lib/netdata" },
+        { hostPath: `${dataDir("netdata")}/cache`, containerPath: "/var/cache/netdata" },
+        { hostPath: "/etc/passwd", containerPath: "/host/etc/passwd", readOnly: true },
+        { hostPath: "/etc/group", containerPath: "/host/etc/group", readOnly: true },
+        { hostPath: "/etc/os-release", containerPath: "/host/etc/os-release", readOnly: true },
+        { hostPath: "/proc", containerPath: "/host/proc", readOnly: true },
+        { hostPath: "/sys", containerPath: "/host/sys", readOnly: true },
+        { hostPath: "/var/log/smartd", containerPath: "/var/log/smartd", readOnly: true },
+        sock,
+      ],
+      healthcheck: { tests: ["CMD-SHELL", "/usr/sbin/health.sh"], interval: "60s", timeout: "10s", retries: 3 },
+    });
+
+    make("cadvisor", {
+      image: SERVICE_IMAGES.cadvisor,
+      privileged: true,
+      devices: [{ hostPath: "/dev/kmsg" }],
+      command: ["--docker_only=true", "--housekeeping_interval=30s"],
+      volumes: [
+        { hostPath: "/", containerPath: "/rootfs", readOnly: true },
+        { hostPath: "/var/run", containerPath: "/var/run", readOnly: true },
+        { hostPath: "/sys", containerPath: "/sys", readOnly: true },
+        { hostPath: `${config.storage.mountpoint}/docker-data`, containerPath: "/var/lib/docker", readOnly: true },
+      ],
+      healthcheck: { tests: ["CMD", "wget", "-q", "--spider", "http://localhost:8080/healthz"], interval: "30s", timeout: "5s", retries: 3 },
+    });
+
+    // host metrics, with the textfile collector reading what the ops jobs and Debian's collectors write
+    make("node-exporter", {
+      image: SERVICE_IMAGES.nodeExporter,
+      pidMode: "host",
+      command: ["--path.rootfs=/host", `--collector.textfile.directory=${TEXTFILE_DIR}`, "--collector.filesystem.mount-points-exclude=^/(dev|proc|sys|run|var/lib/docker/.+)($|/)"],
+      volumes: [
+        { hostPath: "/", containerPath: "/host", readOnly: true },
+        { hostPath: TEXTFILE_DIR, containerPath: TEXTFILE_DIR, readOnly: true },
+      ],
+      healthcheck: { tests: ["CMD", "wget", "-q", "--spider", "http://localhost:9100/metrics"], interval: "60s", timeout: "10s", retries: 3 },
+    });
+
+    // alerts to Telegram; alertmanager.yml (with the bot token, 0640 root:nobody) is installed by Operations
+    make("alertmanager", {
+      image: SERVICE_IMAGES.alertmanager,
+      command: ["--config.file=/etc/alertmanager/alertmanager.yml", "--storage.path=/alertmanager"],
+      volumes: [
+        { hostPath: "/etc/train-server/alertmanager", containerPath: "/etc/alertmanager", readOnly: true },
+        { hostPath: dataDir("alertmanager"), containerPath: "/alertmanager" },
+      ],
+      healthcheck: { tests: ["CMD", "wget", "-q", "--spider", "http://localhost:9093/-/healthy"], interval: "30s", timeout: "5s", retries: 3 },
+    });
+
+    const gpu = config.host.gpu.count > 0;
+    if (gpu) {
+      make("dcgm-exporter", {
+        image: SERVICE_IMAGES.dcgmExporter,
+        capabilities: { adds: ["SYS_ADMIN"] },
+        deviceRequests: [{ driver: "nvidia", count: -1, capabilities: ["gpu"] }],
+        healthcheck: { tests: ["CMD-SHELL", "curl -sf http://localhost:9400/metrics >/dev/null"], interval: "60s", timeout: "10s", retries: 3 },
+      });
+    }
+
+    make("prometheus", {
+      image: SERVICE_IMAGES.prometheus,
+      command: ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus", "--storage.tsdb.retention.time=90d", "--web.enable-lifecycle"],
+      volumes: [
+        { hostPath: dataDir("prometheus"), containerPath: "/prometheus" },
+        { hostPath: "/etc/train-server/prometheus/rules", containerPath: "/etc/prometheus/rules", readOnly: true },
+      ],
+      uploads: [
+        {
+          file: "/etc/prometheus/prometheus.yml",
+          content: renderPrometheusConfig({
+            nodeExporter: "node-exporter:9100",
+            alertmanager: "alertmanager:9093",
+            ...(gpu ? { gpuExporter: "dcgm-exporter:9400" } : {}),
+          }),
+        },
+      ],
+      healthcheck: { tests: ["CMD", "wget", "-q", "--spider", "http://localhost:9090/-/healthy"], interval: "30s", timeout: "5s", retries: 3 },
+    });
+
+    const grafanaPassword = new random.RandomPassword(`${name}-grafana-admin`, { length: 32, special: false }, { parent: this });
+    this.grafanaPassword = grafanaPassword.result;
+    const dashboards = renderGrafanaDashboards();
+    make("grafana", {
+      image: SERVICE_IMAGES.grafana,
+      envs: ["GF_SECURITY_ADMIN_PASSWORD__FILE=/run/secrets/grafana-admin", "GF_USERS_ALLOW_SIGN_UP=false", "GF_ANALYTICS_REPORTING_ENABLED=false"],
+      volumes: [{ hostPath: dataDir("grafana"), containerPath: "/var/lib/grafana" }],
+      uploads: [
+        { file: "/run/secrets/grafana-admin", content: grafanaPassword.result, permissions: "0400", owner: "472" },
+        { file: "/etc/grafana/provisioning/datasources/prometheus.yml", content: renderGrafanaDatasources() },
+        { file: "/etc/grafana/provisioning/dashboards/train-server.yml", content: renderGrafanaDashboardProvider() },
+        ...Object.entries(dashboards).map(([f, content]) => ({ file: `/var/lib/grafana/dashboards/${f}`, content })),
+      ],
+      healthcheck: { tests: ["CMD", "wget", "-q", "--spider", "http://localhost:3000/api/health"], interval: "30s", timeout: "5s", retries: 3 },
+    });
+
+    const shared = `${config.storage.mountpoint}/shared`;
+    make("tensorboard", {
+      image: SERVICE_IMAGES.tensorboard,
+      command: ["tensorboard", "--logdir=/shared/tensorboard", "--bind_all", "--port=6006", "--reload_multifile=true"],
+      mounts: [{ type: "bind", source: shared, target: "/shared", readOnly: true, bindOptions: { propagation: "rslave" } }],
+      healthcheck: { tests: ["CMD-SHELL", "python3 -c \"import urllib.request;urllib.request.urlopen('http://localhost:6006')\""], interval: "60s", timeout: "10s", retries: 3 },
+    });
+
+    make("filebrowser", {
+      image: SERVICE_IMAGES.filebrowser,
+      command: ["--root=/srv", "--database=/data/filebrowser.db", "--address=0.0.0.0", "--port=80"],
+      mounts: [{ type: "bind", source: shared, target: "/srv", bindOptions: { propagation: "rslave" } }],
+      volumes: [{ hostPath: dataDir("filebrowser"), containerPath: "/data" }],
+      healthcheck: { tests: ["CMD", "wget", "-q", "--spider", "http://localhost:80/health"], interval: "30s", timeout: "5s", retries: 3 },
+    });
+
+    make("dozzle", {
+      image: SERVICE_IMAGES.dozzle,
+      volumes: [sock],
+      healthcheck: { tests: ["CMD", "/dozzle", "healthcheck"], interval: "30s", timeout: "5s", retries: 3 },
+    });
+
+    make("portainer", {
+      image: SERVICE_IMAGES.portainer,
+      command: ["-H", "unix:///var/run/docker.sock"],
+      volumes: [{ hostPath: "/var/run/docker.sock", containerPath: "/var/run/docker.sock" }, { hostPath: dataDir("portainer"), containerPath: "/data" }],
+    });
+
+    if (args.tunnelToken) {
+      make("cloudflared", {
+        image: SERVICE_IMAGES.cloudflared,
+        command: ["tunnel", "--no-autoupdate", "--metrics", "0.0.0.0:2000", "run"],
+        envs: [pulumi.interpolate`TUNNEL_TOKEN=${args.tunnelToken}`],
+        healthcheck: { tests: ["CMD", "cloudflared", "tunnel", "--metrics", "localhost:2000", "ready"], interval: "30s", timeout: "5s", retries: 3 },
+      });
+    }
+
+    this.registerOutputs({ network: this.network.name, containers: Object.keys(this.containers) });
+  }
+}

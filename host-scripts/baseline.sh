@@ -1,0 +1,285 @@
+#!/usr/bin/env bash
+# baseline.sh: the host's baseline — sshd hardening, UFW, fail2ban, Docker on the array (+ NVIDIA toolkit),
+# shared cache directories. Runs after storage.sh (the array is mounted) and users.sh.
+#
+# Inputs (environment):
+#   TS_MOUNTPOINT       the mounted btrfs array
+#   TS_SSH_PORT         the host's sshd port (must equal the Port in sshd.conf: a guard against a stale render)
+#   TS_SSH_ADMIN_USER   the admin's login: it must have a non-empty ~/.ssh/authorized_keys, or the script refuses
+#                       (keys-only sshd + firewall would lock the admin out)
+#   TS_GPU_COUNT        > 0: install the NVIDIA container toolkit (NVIDIA's apt repository)
+#   TS_SHARED_GROUP     group owning the shared caches (default mlusers), TS_SHARED_GID its gid (default 2000)
+#   TS_FILES_DIR        files rendered by components/render/baseline.ts: sshd.conf fail2ban-jail.conf daemon.json
+#                       docker-service.conf ufw-rules ufw-docker-user.rules [nvidia-container-toolkit.list]
+#   (the LAN CIDR and the users' ports reach the host only through the rendered ufw files)
+#   TS_ALLOW_WIPE=1     lets `destroy` remove the files this script installed (test rigs)
+#
+# UFW is owned by train-server: rules in ufw-rules are added, any other UFW rule is deleted. Workspace ports are
+# published by Docker, whose DNAT bypasses UFW's INPUT rules: they are filtered in DOCKER-USER by a block in
+# /etc/ufw/after.rules. Docker's data-root (from daemon.json) is a btrfs subvolume created here when missing.
+# Services are reloaded/restarted only when their files changed, after validation.
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "${BASH_SOURCE[0]%/*}/lib.sh"
+
+ACTION=$(ts_action "${1:-}")
+require_env TS_MOUNTPOINT TS_SSH_PORT TS_SSH_ADMIN_USER TS_FILES_DIR 'TS_GPU_COUNT?'
+MP=${TS_MOUNTPOINT%/}
+F=${TS_FILES_DIR%/}
+GPU=${TS_GPU_COUNT:-0}
+SHARED_GROUP=${TS_SHARED_GROUP:-mlusers}
+SHARED_GID=${TS_SHARED_GID:-2000}
+CACHES=(pip conda huggingface torch apt go npm docker)
+export DEBIAN_FRONTEND=noninteractive
+
+SSHD_DROPIN=/etc/ssh/sshd_config.d/10-train-server.conf
+F2B_JAIL=/etc/fail2ban/jail.d/train-server.conf
+DAEMON_JSON=/etc/docker/daemon.json
+DOCKER_DROPIN=/etc/systemd/system/docker.service.d/10-train-server.conf
+UFW_AFTER=/etc/ufw/after.rules
+NV_LIST=/etc/apt/sources.list.d/nvidia-container-toolkit.list
+NV_KEYRING=/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg
+BEGIN_MARK='# BEGIN train-server DOCKER-USER'
+END_MARK='# END train-server DOCKER-USER'
+
+installed() { [[ $(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null) == installed ]]; }
+data_root() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["data-root"])' "$F/daemon.json"; }
+# install_tracked SRC DEST MODE: install_file; returns 0 when it wrote (changed), 1 when already identical
+install_tracked() {
+  local before=$TS_CHANGES
+  install_file "$1" "$2" "$3"
+  ((TS_CHANGES > before))
+}
+# restore DEST BACKUP: put back the previous content (or remove DEST when there was none)
+restore() { if [[ -f $2 ]]; then cp -p "$2" "$1"; else rm -f "$1"; fi; }
+
+preflight() {
+  local f
+  for f in sshd.conf fail2ban-jail.conf daemon.json docker-service.conf ufw-rules ufw-docker-user.rules; do
+    [[ -f $F/$f ]] || die "rendered file $F/$f is missing (components/render/baseline.ts renders it)"
+  done
+  if ((GPU > 0)); then [[ -f $F/nvidia-container-toolkit.list ]] || die "rendered file $F/nvidia-container-toolkit.list is missing"; fi
+  grep -qx "Port $TS_SSH_PORT" "$F/sshd.conf" || die "sshd.conf does not set Port $TS_SSH_PORT (TS_SSH_PORT): stale render"
+  grep -q "port $TS_SSH_PORT proto tcp\$" "$F/ufw-rules" \
+    || refuse "ufw-rules does not allow the SSH port $TS_SSH_PORT; enabling the firewall would lock everyone out — fix the render"
+  if grep -q "['\"]" "$F/ufw-rules"; then die "ufw-rules must not contain quotes (one plain ufw rule per line)"; fi
+  if ! mountpoint -q "$MP" || [[ $(findmnt -n -o FSTYPE --target "$MP") != btrfs ]]; then
+    refuse "$MP is not a mounted btrfs array; run storage.sh first (Docker's data and the caches live there)"
+  fi
+  local root keys
+  root=$(data_root) || die "daemon.json has no data-root"
+  [[ $root == "$MP"/* ]] || refuse "Docker's data-root $root is not on the array $MP; fix the render"
+  [[ $TS_SSH_ADMIN_USER != root ]] || refuse "TS_SSH_ADMIN_USER is root, but root login is disabled; name the admin's own account"
+  getent passwd "$TS_SSH_ADMIN_USER" >/dev/null \
+    || refuse "admin account $TS_SSH_ADMIN_USER does not exist; create it with a key before locking sshd down to keys only"
+  keys=$(getent passwd "$TS_SSH_ADMIN_USER" | cut -d: -f6)/.ssh/authorized_keys
+  grep -qE '^(ssh-|ecdsa-|sk-)' "$keys" 2>/dev/null \
+    || refuse "$keys has no key; sshd will accept keys only — add the admin's public key first"
+}
+
+packages() {
+  local want=(openssh-server ufw fail2ban python3-systemd acl iptables) missing=() p
+  installed docker.io || installed docker-ce || want+=(docker.io)
+  if ((GPU > 0)); then want+=(curl gpg ca-certificates); fi
+  for p in "${want[@]}"; do installed "$p" || missing+=("$p"); done
+  if ((${#missing[@]})); then
+    log "installing ${missing[*]}"
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+    changed "installed ${missing[*]}"
+  fi
+  if ((GPU > 0)); then
+    if [[ ! -s $NV_KEYRING ]]; then
+      curl -fsSL https://nvidia.github.io/libnvidia-container/gpgkey | gpg --dearmor --yes -o "$NV_KEYRING"
+      changed "NVIDIA apt keyring $NV_KEYRING"
+    fi
+    install_file "$F/nvidia-container-toolkit.list" "$NV_LIST" 644
+    if ! installed nvidia-container-toolkit; then
+      apt-get update -qq
+      apt-get install -y -qq --no-install-recommends nvidia-container-toolkit >&2
+      changed "installed nvidia-container-toolkit"
+    fi
+    command -v nvidia-container-runtime >/dev/null || die "nvidia-container-runtime is missing after installing the toolkit"
+  fi
+}
+
+sshd_baseline() {
+  local backup out
+  backup=$(mktemp)
+  if [[ -f $SSHD_DROPIN ]]; then cp -p "$SSHD_DROPIN" "$backup"; else rm -f "$backup"; fi
+  mkdir -p /run/sshd
+  if install_tracked "$F/sshd.conf" "$SSHD_DROPIN" 644; then
+    if ! out=$(sshd -t 2>&1); then
+      restore "$SSHD_DROPIN" "$backup"
+      die "sshd rejects the new configuration (previous one restored; sshd not reloaded): $out"
+    fi
+    local effective want
+    effective=$(sshd -T)
+    for want in "port $TS_SSH_PORT" "passwordauthentication no" "permitrootlogin no" "kbdinteractiveauthentication no"; do
+      grep -qx "$want" <<<"$effective" || {
+        restore "$SSHD_DROPIN" "$backup"
+        die "sshd's effective setting is not '$want': a file read earlier (sshd_config or sshd_config.d/0*) overrides it; remove that line"
+      }
+    done
+    if systemctl is-enabled -q ssh.socket 2>/dev/null; then
+      # Ubuntu 24.04: socket-activated; the port comes from a generator that reads sshd_config
+      systemctl daemon-reload
+      systemctl restart ssh.socket
+    else
+      systemctl reload-or-restart ssh
+    fi
+    log "sshd reloaded"
+  fi
+  rm -f "$backup"
+  if ! systemctl is-enabled -q ssh.socket 2>/dev/null && ! systemctl is-enabled -q ssh 2>/dev/null; then
+    systemctl enable --now ssh
+    changed "enabled ssh"
+  fi
+}
+
+fail2ban_baseline() {
+  local backup
+  backup=$(mktemp)
+  if [[ -f $F2B_JAIL ]]; then cp -p "$F2B_JAIL" "$backup"; else rm -f "$backup"; fi
+  if install_tracked "$F/fail2ban-jail.conf" "$F2B_JAIL" 644; then
+    if ! fail2ban-client -t >&2; then
+      restore "$F2B_JAIL" "$backup"
+      die "fail2ban rejects the new jail (previous one restored)"
+    fi
+    systemctl restart fail2ban
+    log "fail2ban restarted"
+  elif ! systemctl is-active -q fail2ban; then
+    systemctl restart fail2ban
+    changed "started fail2ban"
+  fi
+  rm -f "$backup"
+  if ! systemctl is-enabled -q fail2ban; then systemctl enable fail2ban; changed "enabled fail2ban"; fi
+}
+
+docker_baseline() {
+  local root restart=0 tmp
+  root=$(data_root)
+  if [[ ! -e $root ]]; then
+    btrfs -q subvolume create "$root" >/dev/null
+    chmod 710 "$root"
+    changed "created subvolume $root (Docker's data-root)"
+  fi
+  if dockerd --help 2>&1 | grep -q -- '--validate'; then
+    dockerd --validate --config-file "$F/daemon.json" >&2 || die "dockerd rejects daemon.json"
+  else
+    python3 -m json.tool "$F/daemon.json" >/dev/null || die "daemon.json is not JSON"
+  fi
+  if install_tracked "$F/docker-service.conf" "$DOCKER_DROPIN" 644; then
+    systemctl daemon-reload
+    restart=1
+  fi
+  if install_tracked "$F/daemon.json" "$DAEMON_JSON" 644; then restart=1; fi
+  if ((restart)) || ! systemctl is-active -q docker; then
+    # live-restore (daemon.json) keeps the workspaces running across this restart
+    systemctl restart docker
+    log "docker restarted"
+    ((restart)) || changed "started docker"
+  fi
+  if ! systemctl is-enabled -q docker; then systemctl enable docker; changed "enabled docker"; fi
+  tmp=$(docker info --format '{{.Driver}} {{.DockerRootDir}}')
+  [[ $tmp == "btrfs $root" ]] || die "docker runs with '$tmp', expected 'btrfs $root'"
+}
+
+# the DOCKER-USER block in after.rules, or nothing
+current_block() { sed -n "\\|^$BEGIN_MARK\$|,\\|^$END_MARK\$|p" "$UFW_AFTER"; }
+
+ufw_baseline() {
+  local reload=0 rule tmp
+  if ! grep -qx 'DEFAULT_INPUT_POLICY="DROP"' /etc/default/ufw; then ufw default deny incoming >&2; changed "ufw: deny incoming"; fi
+  if ! grep -qx 'DEFAULT_OUTPUT_POLICY="ACCEPT"' /etc/default/ufw; then ufw default allow outgoing >&2; changed "ufw: allow outgoing"; fi
+
+  if [[ $(current_block) != "$(cat "$F/ufw-docker-user.rules")" ]]; then
+    iptables-restore --test --noflush <"$F/ufw-docker-user.rules" || die "iptables rejects ufw-docker-user.rules"
+    tmp=$(mktemp)
+    sed "\\|^$BEGIN_MARK\$|,\\|^$END_MARK\$|d" "$UFW_AFTER" >"$tmp"
+    cat "$F/ufw-docker-user.rules" >>"$tmp"
+    install_file "$tmp" "$UFW_AFTER" 640
+    rm -f "$tmp"
+    reload=1
+  fi
+
+  local -A want_rule=() have_rule=()
+  while IFS= read -r rule; do [[ -n $rule ]] && want_rule[$rule]=1; done <"$F/ufw-rules"
+  while IFS= read -r rule; do have_rule[$rule]=1; done < <(ufw show added | sed -n 's/^ufw //p')
+  for rule in "${!want_rule[@]}"; do
+    if [[ -z ${have_rule[$rule]+x} ]]; then
+      # shellcheck disable=SC2086 # a rule is plain words (checked in preflight)
+      ufw $rule >&2
+      changed "ufw: $rule"
+    fi
+  done
+  for rule in "${!have_rule[@]}"; do
+    if [[ -z ${want_rule[$rule]+x} ]]; then
+      # shellcheck disable=SC2086
+      ufw delete $rule >&2
+      changed "ufw: removed '$rule' (not in the configuration)"
+    fi
+  done
+
+  if ! ufw status | grep -qx 'Status: active'; then
+    ufw --force enable >&2
+    changed "ufw enabled"
+  elif ((reload)); then
+    ufw reload >&2
+  fi
+  if ! systemctl is-enabled -q ufw; then systemctl enable ufw; changed "enabled ufw"; fi
+}
+
+caches() {
+  if ! getent group "$SHARED_GROUP" >/dev/null; then groupadd -g "$SHARED_GID" "$SHARED_GROUP"; changed "created group $SHARED_GROUP"; fi
+  [[ $(getent group "$SHARED_GROUP" | cut -d: -f3) == "$SHARED_GID" ]] \
+    || refuse "group $SHARED_GROUP has gid $(getent group "$SHARED_GROUP" | cut -d: -f3), not $SHARED_GID; set TS_SHARED_GID to it"
+  ensure_dir "$MP/cache" 755 root:root
+  local c d acl="group:$SHARED_GROUP:rwx"
+  for c in "${CACHES[@]}"; do
+    d=$MP/cache/$c
+    ensure_dir "$d" 2775 "root:$SHARED_GROUP"
+    # default ACL: what one user puts in the cache stays writable for the others whatever their umask
+    if ! getfacl -cpd "$d" 2>/dev/null | grep -qx "$acl" || ! getfacl -cp "$d" 2>/dev/null | grep -qx "$acl"; then
+      setfacl -m "g:$SHARED_GROUP:rwx,d:u::rwx,d:g::rwx,d:g:$SHARED_GROUP:rwx,d:m::rwx,d:o::rx" "$d"
+      changed "shared-cache ACL on $d"
+    fi
+  done
+}
+
+check() {
+  local pair src dest
+  for pair in sshd.conf:$SSHD_DROPIN fail2ban-jail.conf:$F2B_JAIL daemon.json:$DAEMON_JSON docker-service.conf:$DOCKER_DROPIN; do
+    src=$F/${pair%%:*} dest=${pair#*:}
+    if cmp -s "$src" "$dest"; then result "drift.${pair%%:*}" no; else result "drift.${pair%%:*}" yes; fi
+  done
+  if [[ $(current_block) == "$(cat "$F/ufw-docker-user.rules")" ]]; then result drift.ufw-docker-user.rules no; else result drift.ufw-docker-user.rules yes; fi
+  if [[ $(ufw show added | sed -n 's/^ufw //p' | sort) == "$(sed '/^$/d' "$F/ufw-rules" | sort)" ]]; then result drift.ufw-rules no; else result drift.ufw-rules yes; fi
+}
+
+destroy() {
+  [[ ${TS_ALLOW_WIPE:-0} == 1 ]] || refuse "the baseline keeps the host reachable and safe; it is only removed on a test rig (TS_ALLOW_WIPE=1)"
+  local f
+  for f in "$SSHD_DROPIN" "$F2B_JAIL" "$DOCKER_DROPIN" "$DAEMON_JSON"; do
+    if [[ -f $f ]]; then rm -f "$f"; changed "removed $f"; fi
+  done
+  if [[ -n $(current_block) ]]; then sed -i "\\|^$BEGIN_MARK\$|,\\|^$END_MARK\$|d" "$UFW_AFTER"; changed "removed the DOCKER-USER block"; fi
+  systemctl daemon-reload
+  systemctl reload-or-restart ssh fail2ban
+  systemctl restart docker
+  if ufw status | grep -qx 'Status: active'; then ufw reload >&2; fi
+}
+
+case $ACTION in
+  apply)
+    preflight
+    packages
+    sshd_baseline
+    fail2ban_baseline
+    caches
+    docker_baseline
+    ufw_baseline
+    ;;
+  check) preflight; check ;;
+  destroy) destroy ;;
+esac
+finish

@@ -1,0 +1,43 @@
+/** Shared fixtures of the Operations tests: example params (the stack's defaults) and writing a files map to a root. */
+import * as fs from "fs";
+import * as path from "path";
+import { HostFile, OpsParams } from "../../components/render/ops";
+
+export const TELEGRAM_TOKEN = "123456:ABC-test_token";
+
+export function exampleOpsParams(over: Partial<OpsParams> = {}): OpsParams {
+  return {
+    mountpoint: "/mnt/storage",
+    users: [
+      { name: "alice", uid: 2001, quotaGb: 1000 },
+      { name: "bob", uid: 2002, quotaGb: 1000 },
+    ],
+    quotaWarnPercent: 80,
+    snapshots: { hourly: 24, daily: 7, weekly: 4, dailyHour: 2, weeklyDay: "sunday", sources: ["homes/*", "docker-volumes/*"] },
+    backup: {
+      repository: "rclone:gdrive:train-server/restic",
+      schedule: "06:00",
+      uploadLimitMbit: 100,
+      keepDaily: 7,
+      keepWeekly: 52,
+      verifySchedule: "*-*-01 08:00:00",
+      scrubSchedule: "*-*-15 03:00:00",
+    },
+    drive: { rcloneRemote: "gdrive:", mountpoint: "/mnt/storage/shared", cacheDir: "/mnt/storage/cache/gdrive", cacheSizeGb: 2000, cacheMaxAge: "720h", uid: 0, gid: 3000 },
+    dataSync: { source: "gcs:bucket/path", destination: "gdrive:path", schedule: "04:00", bandwidthLimit: "20M" },
+    alerts: { gpuTempC: 80, fsUsedPercent: 90, backupMaxAgeHours: 26, telegramChatId: -100123456, telegramBotToken: TELEGRAM_TOKEN },
+    textfileDir: "/var/lib/prometheus/node-exporter",
+    secrets: { resticPassword: "restic-secret-pw\n", rcloneConfig: "[gdrive]\ntype = drive\n" },
+    ...over,
+  };
+}
+
+/** Write every file of the map under `root` (content and mode; owner is left to the caller). */
+export function writeFiles(root: string, files: Record<string, HostFile>): void {
+  for (const [p, f] of Object.entries(files)) {
+    const dest = path.join(root, p);
+    fs.mkdirSync(path.dirname(dest), { recursive: true });
+    fs.writeFileSync(dest, f.content, { mode: parseInt(f.mode, 8) });
+    fs.chmodSync(dest, parseInt(f.mode, 8));
+  }
+}

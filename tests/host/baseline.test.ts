@@ -1,0 +1,205 @@
+/**
+ * baseline.sh for real, in a booted systemd container (systemd-nspawn, own network namespace) with a btrfs array
+ * (loop device) bound at /mnt/storage: packages present, sshd/fail2ban/docker/ufw really reloaded and running.
+ * Also: the rendered files through their real validators on this host (sshd -t, fail2ban-client -t, iptables-restore).
+ */
+import * as fs from "fs";
+import * as path from "path";
+import { renderBaselineFiles, BaselineParams } from "../../components/render/baseline";
+import { bash, Scratch, sh } from "../helpers/host";
+import { BASELINE_PACKAGES, ensureRootfs, NspawnContainer } from "../helpers/nspawn";
+
+jest.setTimeout(600_000);
+
+const MP = "/mnt/storage";
+const params: BaselineParams = {
+  sshPort: 22,
+  lanCidr: "10.42.0.0/16",
+  userPorts: [2222, 2223, 4000, 4001],
+  adminUser: "tsadmin",
+  dataRoot: `${MP}/docker-data`,
+  gpuCount: 0,
+};
+const ADMIN_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOo0Lw6bWi1BQ2ZrWSRnAqdl2m1N9c3uEo2Szj4xq8Za admin@laptop";
+const MANAGED = [
+  "/etc/ssh/sshd_config.d/10-train-server.conf",
+  "/etc/fail2ban/jail.d/train-server.conf",
+  "/etc/docker/daemon.json",
+  "/etc/systemd/system/docker.service.d/10-train-server.conf",
+  "/etc/ufw/after.rules",
+  "/etc/ufw/user.rules",
+  "/etc/default/ufw",
+];
+
+function writeFiles(dir: string, files: Record<string, string>): void {
+  fs.rmSync(dir, { recursive: true, force: true });
+  fs.mkdirSync(dir, { recursive: true });
+  for (const [name, content] of Object.entries(files)) fs.writeFileSync(path.join(dir, name), content);
+}
+
+describe("rendered baseline files pass their real validators", () => {
+  const scratch = new Scratch("ts-baseline-validate-");
+  afterAll(() => scratch.cleanup());
+  const files = renderBaselineFiles({ ...params, sshPort: 2022 });
+
+  test("sshd -t accepts the drop-in and sshd -T shows it in effect", () => {
+    const key = path.join(scratch.dir, "hostkey");
+    sh("ssh-keygen", ["-q", "-t", "ed25519", "-N", "", "-f", key]);
+    const dropIn = path.join(scratch.dir, "10-train-server.conf");
+    fs.writeFileSync(dropIn, files["sshd.conf"]);
+    const main = path.join(scratch.dir, "sshd_config");
+    fs.writeFileSync(main, `Include ${dropIn}\nHostKey ${key}\nPasswordAuthentication yes\nPort 22\n`);
+    fs.mkdirSync("/run/sshd", { recursive: true });
+    expect(bash(`sshd -t -f ${main}`)).toMatchObject({ status: 0, stderr: "" });
+    const effective = sh("sshd", ["-T", "-f", main]).split("\n");
+    for (const want of ["port 2022", "passwordauthentication no", "permitrootlogin no", "kbdinteractiveauthentication no", "authenticationmethods publickey", "usepam yes"]) {
+      expect(effective).toContain(want);
+    }
+    // the validator is not vacuous
+    fs.writeFileSync(dropIn, files["sshd.conf"] + "NoSuchKeyword yes\n");
+    expect(bash(`sshd -t -f ${main}`).status).not.toBe(0);
+  });
+
+  test("fail2ban-client -t accepts the jail", () => {
+    const conf = path.join(scratch.dir, "fail2ban");
+    fs.cpSync("/etc/fail2ban", conf, { recursive: true });
+    fs.writeFileSync(path.join(conf, "jail.d/train-server.conf"), files["fail2ban-jail.conf"]);
+    const ok = bash(`fail2ban-client -c ${conf} -t`);
+    expect(ok.status).toBe(0);
+    expect(ok.stdout + ok.stderr).toMatch(/OK: configuration test is successful/);
+    fs.writeFileSync(path.join(conf, "jail.d/train-server.conf"), files["fail2ban-jail.conf"].replace("backend = systemd", "backend = nosuchbackend"));
+    expect(bash(`fail2ban-client -c ${conf} -t`).status).not.toBe(0);
+  });
+
+  test("iptables-restore accepts the DOCKER-USER block (in a scratch network namespace)", () => {
+    const file = path.join(scratch.dir, "docker-user.rules");
+    fs.writeFileSync(file, files["ufw-docker-user.rules"]);
+    expect(bash(`unshare -n iptables-restore --test --noflush < ${file}`)).toMatchObject({ status: 0 });
+    fs.writeFileSync(file, files["ufw-docker-user.rules"].replace("--ctorigdstport", "--no-such-option"));
+    expect(bash(`unshare -n iptables-restore --test --noflush < ${file}`).status).not.toBe(0);
+  });
+});
+
+describe("baseline.sh in a booted systemd container", () => {
+  const scratch = new Scratch("ts-baseline-");
+  let c: NspawnContainer;
+  const filesDir = "/root/ts-files";
+  const env = (): Record<string, string> => ({
+    TS_MOUNTPOINT: MP,
+    TS_SSH_PORT: "22",
+    TS_SSH_ADMIN_USER: params.adminUser,
+    TS_GPU_COUNT: "0",
+    TS_FILES_DIR: filesDir,
+  });
+  const write = (p: BaselineParams): void => writeFiles(path.join(c.root, filesDir), renderBaselineFiles(p));
+  /** Checksums, modes and owners of the files baseline.sh manages (a missing file shows as missing). */
+  const sums = (): string =>
+    c.exec(["bash", "-c", `for f in ${MANAGED.join(" ")}; do [[ -e $f ]] && sha256sum "$f" && stat -c '%n %a %U:%G' "$f" || echo "$f missing"; done`]).stdout;
+  /** The live firewall (packet counters and iptables-save's timestamp comments stripped). */
+  const firewall = (): string => c.run(["iptables-save"]).replace(/\[\d+:\d+\]/g, "").replace(/^#.*\n/gm, "");
+  /** When each service last (re)started: unchanged = not restarted. */
+  const starts = (): string =>
+    c.run(["systemctl", "show", "-p", "ExecMainStartTimestampMonotonic", "-p", "MainPID", "ssh", "fail2ban", "docker"]);
+
+  beforeAll(() => {
+    const rootfs = ensureRootfs("baseline-bookworm", BASELINE_PACKAGES);
+    const dev = scratch.loopDevice(2048);
+    sh("mkfs.btrfs", ["-q", dev]);
+    const array = path.join(scratch.dir, "array");
+    fs.mkdirSync(array);
+    sh("mount", [dev, array]);
+    scratch.mountedAt(array);
+    for (const sub of ["homes", "workspaces", "shared", "docker-volumes", "cache", "snapshots"]) {
+      sh("btrfs", ["-q", "subvolume", "create", path.join(array, sub)]);
+    }
+    c = NspawnContainer.start(scratch, rootfs, [`${array}:${MP}`]);
+    c.run(["useradd", "-m", "-s", "/bin/bash", params.adminUser]);
+    write(params);
+  });
+  afterAll(() => scratch.cleanup());
+
+  test("refuses while the admin has no SSH key, before changing anything", () => {
+    const before = sums();
+    expect(before).toContain("/etc/ssh/sshd_config.d/10-train-server.conf missing");
+    const r = c.runScript("baseline", "apply", env());
+    expect(r.status).toBe(3);
+    expect(r.stderr).toMatch(/authorized_keys has no key; sshd will accept keys only/);
+    expect(fs.existsSync(path.join(c.root, "etc/ssh/sshd_config.d/10-train-server.conf"))).toBe(false);
+    expect(sums()).toBe(before);
+  });
+
+  test("apply: hardened sshd, fail2ban jail, docker on the array, LAN-only firewall, shared caches", () => {
+    c.run(["bash", "-c", `install -d -m 700 -o ${params.adminUser} ~${params.adminUser}/.ssh && echo '${ADMIN_KEY}' > ~${params.adminUser}/.ssh/authorized_keys`]);
+    const r = c.runScript("baseline", "apply", env());
+    expect(r.stderr).not.toMatch(/ERROR|REFUSED/);
+    expect(r.status).toBe(0);
+    expect(r.changes).toBeGreaterThan(5);
+
+    for (const svc of ["ssh", "fail2ban", "docker", "ufw"]) expect(c.exec(["systemctl", "is-active", svc]).stdout.trim()).toBe("active");
+    const sshd = c.run(["sshd", "-T"]).split("\n");
+    for (const want of ["passwordauthentication no", "permitrootlogin no", "authenticationmethods publickey", "port 22"]) expect(sshd).toContain(want);
+    expect(c.run(["fail2ban-client", "status", "sshd"])).toMatch(/Journal matches:\s+_SYSTEMD_UNIT=sshd.service/);
+    expect(c.run(["docker", "info", "--format", "{{.Driver}} {{.DockerRootDir}} {{.LoggingDriver}}"]).trim()).toBe(`btrfs ${MP}/docker-data json-file`);
+    expect(c.run(["btrfs", "subvolume", "show", `${MP}/docker-data`])).toContain("Subvolume ID");
+
+    const ufw = c.run(["ufw", "status", "verbose"]);
+    expect(ufw).toMatch(/Status: active/);
+    expect(ufw).toMatch(/Default: deny \(incoming\), allow \(outgoing\)/);
+    const rules = ufw.split("\n").filter((l) => /ALLOW|DENY/.test(l));
+    expect(rules.map((l) => l.trim().split(/\s{2,}/))).toEqual([["22/tcp", "ALLOW IN", "10.42.0.0/16"]]);
+    const dockerUser = c.run(["iptables", "-S", "DOCKER-USER"]);
+    for (const port of params.userPorts) {
+      expect(dockerUser).toContain(`-A DOCKER-USER ! -s 10.42.0.0/16 -p tcp -m conntrack --ctorigdstport ${port} --ctdir ORIGINAL -j DROP`);
+    }
+
+    for (const cache of ["pip", "conda", "huggingface", "torch", "apt", "go", "npm", "docker"]) {
+      expect(c.run(["stat", "-c", "%a %U:%G", `${MP}/cache/${cache}`]).trim()).toBe("2775 root:mlusers");
+      expect(c.run(["getfacl", "-cpd", `${MP}/cache/${cache}`])).toContain("group:mlusers:rwx");
+    }
+  });
+
+  test("a second run changes nothing and restarts nothing", () => {
+    const before = { sums: sums(), starts: starts(), firewall: firewall() };
+    const t0 = Date.now();
+    const r = c.runScript("baseline", "apply", env());
+    const ms = Date.now() - t0;
+    expect(r.status).toBe(0);
+    expect(r.changes).toBe(0);
+    expect(sums()).toBe(before.sums);
+    expect(starts()).toBe(before.starts);
+    expect(firewall()).toBe(before.firewall);
+    console.log(`baseline.sh second run in the container: ${ms} ms, changes=0`);
+    const check = c.runScript("baseline", "check", env());
+    expect(check.status).toBe(0);
+    expect(Object.entries(check.results).filter(([k, v]) => k.startsWith("drift.") && v !== "no")).toEqual([]);
+  });
+
+  test("a rule added by hand is removed and a new LAN converges both firewalls", () => {
+    c.run(["ufw", "allow", "80/tcp"]);
+    write({ ...params, lanCidr: "10.43.0.0/16" });
+    const drift = c.runScript("baseline", "check", env());
+    expect(drift.results["drift.ufw-rules"]).toBe("yes");
+    const r = c.runScript("baseline", "apply", env());
+    expect(r.status).toBe(0);
+    const rules = c.run(["ufw", "status", "verbose"]).split("\n").filter((l) => /ALLOW|DENY/.test(l));
+    expect(rules.map((l) => l.trim().split(/\s{2,}/))).toEqual([["22/tcp", "ALLOW IN", "10.43.0.0/16"]]);
+    const dockerUser = c.run(["iptables", "-S", "DOCKER-USER"]);
+    expect(dockerUser).not.toContain("10.42.0.0/16");
+    expect(dockerUser).toContain("! -s 10.43.0.0/16 -p tcp -m conntrack --ctorigdstport 2222");
+    expect(c.runScript("baseline", "apply", env()).changes).toBe(0);
+  });
+
+  test("an sshd drop-in that sshd rejects is rolled back and sshd is not reloaded", () => {
+    const dropIn = path.join(c.root, "etc/ssh/sshd_config.d/10-train-server.conf");
+    const good = fs.readFileSync(dropIn, "utf8");
+    const startsBefore = starts();
+    const files = renderBaselineFiles({ ...params, lanCidr: "10.43.0.0/16" });
+    writeFiles(path.join(c.root, filesDir), { ...files, "sshd.conf": files["sshd.conf"] + "NoSuchKeyword yes\n" });
+    const r = c.runScript("baseline", "apply", env());
+    expect(r.status).toBe(1);
+    expect(r.stderr).toMatch(/sshd rejects the new configuration \(previous one restored/);
+    expect(fs.readFileSync(dropIn, "utf8")).toBe(good);
+    expect(starts()).toBe(startsBefore);
+    expect(c.exec(["systemctl", "is-active", "ssh"]).stdout.trim()).toBe("active");
+  });
+});

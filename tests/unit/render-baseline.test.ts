@@ -1,0 +1,132 @@
+/** The baseline renderers: exact directives, LAN-only exposure, parameter validation. (Real validators: tests/host/baseline.test.ts.) */
+import {
+  BaselineParams,
+  renderBaselineFiles,
+  renderDockerDaemonJson,
+  renderDockerServiceDropIn,
+  renderFail2banJail,
+  renderSshdConfig,
+  renderUfwDockerUserRules,
+  renderUfwRules,
+} from "../../components/render/baseline";
+
+const params: BaselineParams = {
+  sshPort: 22,
+  lanCidr: "192.168.1.0/24",
+  userPorts: [4001, 2222, 2223, 4000],
+  adminUser: "admin",
+  dataRoot: "/mnt/storage/docker-data",
+  gpuCount: 0,
+};
+/** Non-comment, non-blank lines. */
+const directives = (text: string): string[] => text.split("\n").filter((l) => l.trim() && !l.startsWith("#"));
+
+describe("renderSshdConfig", () => {
+  test("keys only, no root, no passwords, the given port", () => {
+    expect(directives(renderSshdConfig({ ...params, sshPort: 2022 }))).toEqual([
+      "Port 2022",
+      "PermitRootLogin no",
+      "PubkeyAuthentication yes",
+      "AuthenticationMethods publickey",
+      "PasswordAuthentication no",
+      "KbdInteractiveAuthentication no",
+      "PermitEmptyPasswords no",
+      "UsePAM yes",
+      "X11Forwarding no",
+      "MaxAuthTries 3",
+      "LoginGraceTime 30",
+      "ClientAliveInterval 300",
+      "ClientAliveCountMax 3",
+    ]);
+  });
+});
+
+describe("renderFail2banJail", () => {
+  test("sshd jail on the journal, on the ssh port, banning with iptables (not ufw)", () => {
+    const text = renderFail2banJail({ ...params, sshPort: 2022, maxRetry: 4, banTime: "2h" });
+    expect(directives(text)).toEqual([
+      "[DEFAULT]",
+      "ignoreip = 127.0.0.1/8 ::1",
+      "banaction = iptables-multiport",
+      "banaction_allports = iptables-allports",
+      "[sshd]",
+      "enabled = true",
+      "backend = systemd",
+      "mode = normal",
+      "port = 2022",
+      "maxretry = 4",
+      "findtime = 10m",
+      "bantime = 2h",
+    ]);
+  });
+});
+
+describe("renderDockerDaemonJson", () => {
+  test("data on the array, btrfs driver, rotated logs, live-restore; no nvidia runtime without GPUs", () => {
+    expect(JSON.parse(renderDockerDaemonJson(params))).toEqual({
+      "data-root": "/mnt/storage/docker-data",
+      "storage-driver": "btrfs",
+      "log-driver": "json-file",
+      "log-opts": { "max-size": "50m", "max-file": "5" },
+      "live-restore": true,
+    });
+  });
+  test("adds the nvidia runtime when there are GPUs", () => {
+    const config = JSON.parse(renderDockerDaemonJson({ ...params, gpuCount: 2, logMaxSize: "10m", logMaxFiles: 3 }));
+    expect(config.runtimes).toEqual({ nvidia: { path: "nvidia-container-runtime", args: [] } });
+    expect(config["log-opts"]).toEqual({ "max-size": "10m", "max-file": "3" });
+  });
+  test("docker.service waits for the array", () => {
+    expect(directives(renderDockerServiceDropIn(params))).toEqual(["[Unit]", "RequiresMountsFor=/mnt/storage"]);
+    expect(directives(renderDockerServiceDropIn({ ...params, mountpoint: "/srv/array" }))).toEqual(["[Unit]", "RequiresMountsFor=/srv/array"]);
+  });
+});
+
+describe("firewall", () => {
+  test("UFW opens only the host's SSH port, only from the LAN", () => {
+    expect(renderUfwRules(params)).toBe("allow from 192.168.1.0/24 to any port 22 proto tcp\n");
+  });
+  test("every user port is dropped in DOCKER-USER unless it comes from the LAN", () => {
+    const rules = directives(renderUfwDockerUserRules(params));
+    expect(rules).toEqual([
+      "*filter",
+      ":DOCKER-USER - [0:0]",
+      ...[2222, 2223, 4000, 4001].map(
+        (p) => `-A DOCKER-USER -p tcp -m conntrack --ctorigdstport ${p} --ctdir ORIGINAL ! -s 192.168.1.0/24 -j DROP`,
+      ),
+      "-A DOCKER-USER -j RETURN",
+      "COMMIT",
+    ]);
+    // every line that names a port also restricts its source to the LAN (nothing opened to the world)
+    for (const line of [...rules, ...directives(renderUfwRules(params))].filter((l) => /port \d+|dstport/.test(l))) {
+      expect(line).toMatch(/192\.168\.1\.0\/24/);
+    }
+  });
+});
+
+describe("renderBaselineFiles", () => {
+  test("the file names baseline.sh reads; the NVIDIA apt source only with GPUs", () => {
+    expect(Object.keys(renderBaselineFiles(params)).sort()).toEqual(
+      ["daemon.json", "docker-service.conf", "fail2ban-jail.conf", "sshd.conf", "ufw-docker-user.rules", "ufw-rules"],
+    );
+    const gpu = renderBaselineFiles({ ...params, gpuCount: 1 });
+    expect(gpu["nvidia-container-toolkit.list"]).toContain(
+      "deb [signed-by=/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg] https://nvidia.github.io/libnvidia-container/stable/deb/$(ARCH) /",
+    );
+  });
+
+  test.each([
+    ["a CIDR with host bits", { lanCidr: "192.168.1.5/24" }, /host bits/],
+    ["a non-CIDR", { lanCidr: "0.0.0.0/0" }, /lanCidr/],
+    ["a hostname in the CIDR", { lanCidr: "lan.example/24" }, /lanCidr/],
+    ["an out-of-range port", { sshPort: 70000 }, /sshPort/],
+    ["a user port equal to the SSH port", { userPorts: [22] }, /SSH port/],
+    ["duplicate user ports", { userPorts: [2222, 2222] }, /duplicates/],
+    ["root as admin", { adminUser: "root" }, /adminUser/],
+    ["a relative data root", { dataRoot: "docker" }, /dataRoot/],
+    ["a data root with a newline", { dataRoot: "/mnt/x\n/y" }, /dataRoot/],
+    ["a bad ban time", { banTime: "1 hour" }, /banTime/],
+  ])("rejects %s", (_what, patch, message) => {
+    expect(() => renderBaselineFiles({ ...params, ...patch } as BaselineParams)).toThrow(message);
+  });
+});

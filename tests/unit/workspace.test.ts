@@ -1,0 +1,173 @@
+/**
+ * Shared services and per-user workspaces under mocks: limits, ports, GPU, mounts, routes, secrets, and the
+ * add/remove-user diffs.
+ */
+import { parseCpuset } from "../../components/config";
+import { diffRuns, Registered } from "../../tools/harness";
+import { clone, runProgram, stackRaw } from "../helpers/program";
+
+const CONTAINER = "docker:index/container:Container";
+const FRANK_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDm+MDWku3UWnMtuEXlaaEnTgoPOudIW7KRhtgJVKB1f frank@laptop";
+
+function workspaces(res: Registered[]): Registered[] {
+  return res.filter((r) => r.type === CONTAINER && String(r.inputs.name).startsWith("workspace-"));
+}
+function byName(res: Registered[], name: string): Registered {
+  const r = res.find((x) => x.type === CONTAINER && x.inputs.name === name);
+  if (!r) throw new Error(`no container ${name}`);
+  return r;
+}
+function labels(r: Registered): Record<string, string> {
+  return Object.fromEntries((r.inputs.labels ?? []).map((l: any) => [l.label, l.value]));
+}
+function withFrank(raw: Record<string, any>) {
+  const c = clone(raw);
+  // 5 x 32 GB are guaranteed of the 184 GB available: frank joins with a 24 GB guarantee (32 would be refused)
+  c.users.push({ name: "frank", uid: 1005, email: "frank@example.com", sshKeys: [FRANK_KEY], memoryGuaranteeGb: 24, cpuset: "0-1" });
+  return c;
+}
+
+describe("workspaces of the prod stack", () => {
+  let res: Registered[];
+  let outputs: any;
+  beforeAll(async () => {
+    const run = await runProgram(stackRaw("prod"));
+    res = run.resources;
+    outputs = run.outputs;
+  });
+
+  test("five workspaces, one per user", () => {
+    expect(workspaces(res).map((r) => r.inputs.name).sort()).toEqual(["workspace-alice", "workspace-bob", "workspace-charlie", "workspace-dave", "workspace-eve"]);
+  });
+
+  test("disjoint cpusets", () => {
+    const seen = new Set<number>();
+    for (const w of workspaces(res)) {
+      for (const cpu of parseCpuset(w.inputs.cpuSet)) {
+        expect(seen.has(cpu)).toBe(false);
+        seen.add(cpu);
+      }
+    }
+    expect(seen.size).toBe(30);
+  });
+
+  test("ports from the stable slot, bound to the LAN address, all unique", () => {
+    const all: number[] = [];
+    for (const w of workspaces(res)) {
+      const user = String(w.inputs.name).replace("workspace-", "");
+      const slot = ["alice", "bob", "charlie", "dave", "eve"].indexOf(user);
+      expect(w.inputs.ports).toEqual(
+        expect.arrayContaining([
+          expect.objectContaining({ internal: 22, external: 2222 + slot, ip: "192.168.1.50" }),
+          expect.objectContaining({ internal: 4000, external: 4000 + slot, ip: "192.168.1.50" }),
+        ]),
+      );
+      all.push(...w.inputs.ports.map((p: any) => p.external));
+    }
+    expect(new Set(all).size).toBe(all.length);
+  });
+
+  test("memory: 32 GB guarantee (reservation), 100 GB limit, 50 GB swap, shm; GPU shared by all", () => {
+    for (const w of workspaces(res)) {
+      expect(w.inputs).toMatchObject({ memory: 102400, memoryReservation: 32768, memorySwap: 153600, shmSize: 16384 });
+      expect(w.inputs.deviceRequests).toEqual([expect.objectContaining({ driver: "nvidia", count: -1, capabilities: ["gpu"] })]);
+      expect(w.inputs.gpus).toBeUndefined();
+    }
+  });
+
+  test("mounts: home, /workspace, /shared, the caches and the inner Docker's data, all from the array", () => {
+    const alice = byName(res, "workspace-alice");
+    const targets = Object.fromEntries(alice.inputs.mounts.map((m: any) => [m.target, m.source]));
+    expect(targets).toMatchObject({
+      "/home/alice": "/mnt/storage/homes/alice",
+      "/workspace": "/mnt/storage/workspaces/alice",
+      "/shared": "/mnt/storage/shared",
+      "/cache/pip": "/mnt/storage/cache/pip",
+      "/cache/huggingface": "/mnt/storage/cache/huggingface",
+      "/var/lib/docker": "/mnt/storage/docker-volumes/alice",
+    });
+  });
+
+  test("routes <user>-code and <user>-jupyter point Traefik at the user's container", () => {
+    const l = labels(byName(res, "workspace-bob"));
+    expect(l["traefik.http.routers.bob-code.rule"]).toBe("Host(`bob-code.example.com`)");
+    expect(l["traefik.http.services.bob-code.loadbalancer.server.port"]).toBe("8080");
+    expect(l["traefik.http.routers.bob-jupyter.rule"]).toBe("Host(`bob-jupyter.example.com`)");
+    expect(l["traefik.http.services.bob-jupyter.loadbalancer.server.port"]).toBe("8888");
+  });
+
+  test("each workspace's password is a secret, uploaded as a file, never in the environment", () => {
+    for (const w of workspaces(res)) {
+      expect(w.secretInputs).toContain("uploads");
+      expect(JSON.stringify(w.inputs.envs)).not.toMatch(/mock-password/);
+      expect(w.deleteBeforeReplace).toBe(true);
+    }
+  });
+
+  test("per-user outputs: URLs and ports; the password output is a secret", async () => {
+    expect(outputs.users.alice).toMatchObject({ sshPort: 2222, desktopPort: 4000, codeUrl: "https://alice-code.example.com" });
+  });
+});
+
+describe("shared services of the prod stack", () => {
+  let res: Registered[];
+  beforeAll(async () => {
+    res = (await runProgram(stackRaw("prod"))).resources;
+  });
+
+  test("the eight web services run from pinned images with restart policies", () => {
+    for (const svc of ["traefik", "netdata", "prometheus", "grafana", "tensorboard", "filebrowser", "dozzle", "portainer"]) {
+      const c = byName(res, svc);
+      expect(c.inputs.image).toMatch(/:[0-9v][^:]*$/);
+      expect(c.inputs.image).not.toMatch(/:latest$/);
+      expect(c.inputs.restart).toBe("unless-stopped");
+      expect(c.deleteBeforeReplace).toBe(true);
+    }
+  });
+
+  test("every route has a backend container on the services network", () => {
+    const names = new Set(res.filter((r) => r.type === CONTAINER).map((r) => r.inputs.name));
+    const routed = res.filter((r) => r.type === CONTAINER).flatMap((c) => Object.keys(labels(c)).filter((k) => k.endsWith(".rule")).map(() => c.inputs.name));
+    expect(routed.length).toBeGreaterThanOrEqual(18);
+    for (const n of routed) expect(names.has(n)).toBe(true);
+  });
+
+  test("the Grafana admin password is a generated secret, given as a file", () => {
+    const g = byName(res, "grafana");
+    expect(g.secretInputs).toContain("uploads");
+    expect(g.inputs.envs).toContain("GF_SECURITY_ADMIN_PASSWORD__FILE=/run/secrets/grafana-admin");
+    expect(res.some((r) => r.type === "random:index/randomPassword:RandomPassword" && r.name.endsWith("grafana-admin"))).toBe(true);
+  });
+
+  test("all containers go through the SSH Docker provider", () => {
+    const providers = res.filter((r) => r.type === "pulumi:providers:docker");
+    expect(providers).toHaveLength(1);
+    expect(providers[0].inputs.host).toBe("ssh://ops@192.168.1.50:22");
+    for (const c of res.filter((r) => r.type === CONTAINER)) expect(c.provider?.startsWith(`${providers[0].urn}::`)).toBe(true);
+  });
+});
+
+describe("adding and removing users", () => {
+  test("frank joining changes no input of any existing user's container", async () => {
+    const before = (await runProgram(stackRaw("prod"))).resources;
+    const after = (await runProgram(withFrank(stackRaw("prod")))).resources;
+    for (const w of workspaces(before)) expect(byName(after, w.inputs.name).inputs).toEqual(w.inputs);
+    const d = diffRuns(before, after);
+    expect(d.removed).toEqual([]);
+    expect(d.added.every((k) => k.includes("frank"))).toBe(true);
+    expect(d.added.some((k) => k.startsWith(`${CONTAINER}::`))).toBe(true);
+    // what else changes: only the shared steps every user is in (accounts), never another user's resources
+    for (const k of d.changed) expect(k).not.toMatch(/alice|bob|charlie|dave|eve/);
+  });
+
+  test("removing charlie leaves the other users' containers untouched", async () => {
+    const before = (await runProgram(stackRaw("prod"))).resources;
+    const raw = clone(stackRaw("prod"));
+    raw.users = raw.users.filter((u: any) => u.name !== "charlie");
+    const after = (await runProgram(raw)).resources;
+    for (const name of ["workspace-alice", "workspace-bob", "workspace-dave", "workspace-eve"]) expect(byName(after, name).inputs).toEqual(byName(before, name).inputs);
+    const d = diffRuns(before, after);
+    expect(d.removed.length).toBeGreaterThan(0);
+    expect(d.removed.every((k) => k.includes("charlie"))).toBe(true);
+  });
+});
