@@ -4,6 +4,7 @@
  * are all derived from this one table, so no route can be public without an Access policy.
  */
 import type { ServerConfig, ServiceName, UserConfig } from "./config";
+import { WORKSPACE_PORTS } from "./render/workspace-image";
 
 /** Who may reach a route through Cloudflare Access. */
 export type Audience =
@@ -39,7 +40,7 @@ export const SERVICE_BACKENDS: Record<ServiceName, { container: string; port: nu
 };
 
 /** Per-user web routes of a workspace container: suffix → internal port. */
-export const WORKSPACE_ROUTES = { code: 8080, jupyter: 8888 } as const;
+export const WORKSPACE_ROUTES = { code: WORKSPACE_PORTS.codeServer, jupyter: WORKSPACE_PORTS.jupyter } as const;
 
 /** Container name of a user's workspace. */
 export function workspaceContainer(user: Pick<UserConfig, "name">): string {

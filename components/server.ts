@@ -63,7 +63,9 @@ export class TrainServer extends pulumi.ComponentResource {
     );
 
     this.routes = buildRoutes(config);
-    this.edge = new Edge(`${name}-edge`, { config, googleClientSecret: secrets.googleClientSecret }, parent);
+    // cloudflared runs in the host network and reaches Traefik where it is published: the LAN address
+    const traefikUrl = `http://${config.host.lanAddress}:80`;
+    this.edge = new Edge(`${name}-edge`, { config, googleClientSecret: secrets.googleClientSecret, traefikUrl }, parent);
     this.services = new SharedServices(
       `${name}-services`,
       { config, host: this.host, routes: this.routes, tunnelToken: this.edge.tunnelToken, after: [this.baseline.ready] },

@@ -9,6 +9,7 @@ import * as pulumi from "@pulumi/pulumi";
 import * as random from "@pulumi/random";
 import type { ServerConfig } from "./config";
 import { TEXTFILE_DIR } from "./operations";
+import { HOST_ALERTMANAGER_DIR, HOST_RULES_DIR } from "./render/ops";
 import { Host, HostScript } from "./host";
 import { renderGrafanaDashboardProvider, renderGrafanaDashboards, renderGrafanaDatasources, renderPrometheusConfig, SERVICES_NETWORK, traefikLabels } from "./render/services";
 import type { Route } from "./routes";
@@ -174,7 +175,7 @@ export class SharedServices extends pulumi.ComponentResource {
       image: SERVICE_IMAGES.alertmanager,
       command: ["--config.file=/etc/alertmanager/alertmanager.yml", "--storage.path=/alertmanager"],
       volumes: [
-        { hostPath: "/etc/train-server/alertmanager", containerPath: "/etc/alertmanager", readOnly: true },
+        { hostPath: HOST_ALERTMANAGER_DIR, containerPath: "/etc/alertmanager", readOnly: true },
         { hostPath: dataDir("alertmanager"), containerPath: "/alertmanager" },
       ],
       healthcheck: { tests: ["CMD", "wget", "-q", "--spider", "http://localhost:9093/-/healthy"], interval: "30s", timeout: "5s", retries: 3 },
@@ -195,7 +196,7 @@ export class SharedServices extends pulumi.ComponentResource {
       command: ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus", "--storage.tsdb.retention.time=90d", "--web.enable-lifecycle"],
       volumes: [
         { hostPath: dataDir("prometheus"), containerPath: "/prometheus" },
-        { hostPath: "/etc/train-server/prometheus/rules", containerPath: "/etc/prometheus/rules", readOnly: true },
+        { hostPath: HOST_RULES_DIR, containerPath: "/etc/prometheus/rules", readOnly: true },
       ],
       uploads: [
         {
@@ -212,7 +213,7 @@ export class SharedServices extends pulumi.ComponentResource {
 
     const grafanaPassword = new random.RandomPassword(`${name}-grafana-admin`, { length: 32, special: false }, { parent: this });
     this.grafanaPassword = grafanaPassword.result;
-    const dashboards = renderGrafanaDashboards();
+    const dashboards = renderGrafanaDashboards({ mountpoint: config.storage.mountpoint, gpu });
     make("grafana", {
       image: SERVICE_IMAGES.grafana,
       envs: ["GF_SECURITY_ADMIN_PASSWORD__FILE=/run/secrets/grafana-admin", "GF_USERS_ALLOW_SIGN_UP=false", "GF_ANALYTICS_REPORTING_ENABLED=false"],
@@ -255,9 +256,14 @@ export class SharedServices extends pulumi.ComponentResource {
     });
 
     if (args.tunnelToken) {
+      // host network: the tunnel reaches Traefik on the LAN address and (for an SSH route) sshd on localhost,
+      // which UFW allows without opening anything to the services network
       make("cloudflared", {
         image: SERVICE_IMAGES.cloudflared,
-        command: ["tunnel", "--no-autoupdate", "--metrics", "0.0.0.0:2000", "run"],
+        networkMode: "host",
+        networksAdvanced: [],
+        labels: [],
+        command: ["tunnel", "--no-autoupdate", "--metrics", "127.0.0.1:2000", "run"],
         envs: [pulumi.interpolate`TUNNEL_TOKEN=${args.tunnelToken}`],
         healthcheck: { tests: ["CMD", "cloudflared", "tunnel", "--metrics", "localhost:2000", "ready"], interval: "30s", timeout: "5s", retries: 3 },
       });

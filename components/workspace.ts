@@ -11,18 +11,22 @@ import * as pulumi from "@pulumi/pulumi";
 import * as random from "@pulumi/random";
 import * as path from "path";
 import type { ServerConfig, UserConfig } from "./config";
+import { SHARED_GID, SHARED_GROUP } from "./baseline";
 import { traefikLabels } from "./render/services";
-import { workspaceImageHash } from "./render/workspace-image";
+import {
+  WORKSPACE_PASSWORD_FILE,
+  WORKSPACE_PORTS,
+  WORKSPACE_PRIVILEGED,
+  WORKSPACE_SHARED_DIR,
+  WORKSPACE_STOP_TIMEOUT_S,
+  workspaceEnv,
+  workspaceImageHash,
+  workspaceMounts as imageMounts,
+} from "./render/workspace-image";
 import type { Route } from "./routes";
 import { workspaceContainer } from "./routes";
-import { CACHE_DIRS } from "./storage";
 
 export const WORKSPACE_IMAGE_DIR = path.resolve(__dirname, "..", "images", "workspace");
-
-/** Ports inside a workspace container. */
-export const WORKSPACE_PORTS = { ssh: 22, desktop: 4000, code: 8080, jupyter: 8888 } as const;
-/** Where the user's password (desktop, code-server, Jupyter) is uploaded; read by the entrypoint only. */
-export const PASSWORD_FILE = "/run/secrets/workspace-password";
 
 const GB = 1024; // the Docker provider takes memory sizes in MB
 
@@ -79,16 +83,24 @@ export function gpuRequests(user: UserConfig): docker.types.input.ContainerDevic
   return [{ driver: "nvidia", deviceIds: user.gpus.map(String), capabilities: ["gpu"] }];
 }
 
-/** Bind mounts of a user's workspace: home, /workspace, /shared, the shared caches, the inner Docker's data. */
+/** Bind mounts of a user's workspace (the image's contract): home, /workspace, the state dir (inner Docker data,
+ * SSH host keys), the shared caches, and /shared (the Drive mount, propagated so a remount shows through). */
 export function workspaceMounts(config: ServerConfig, user: UserConfig): docker.types.input.ContainerMount[] {
   const root = config.storage.mountpoint;
-  return [
-    { type: "bind", source: `${root}/homes/${user.name}`, target: `/home/${user.name}` },
-    { type: "bind", source: `${root}/workspaces/${user.name}`, target: "/workspace" },
-    { type: "bind", source: `${root}/shared`, target: "/shared", bindOptions: { propagation: "rslave" } },
-    ...CACHE_DIRS.filter((c) => c !== "gdrive").map((c) => ({ type: "bind", source: `${root}/cache/${c}`, target: `/cache/${c}` })),
-    { type: "bind", source: `${root}/docker-volumes/${user.name}`, target: "/var/lib/docker" },
-  ];
+  return imageMounts({
+    user: user.name,
+    home: `${root}/homes/${user.name}`,
+    scratch: `${root}/workspaces/${user.name}`,
+    state: `${root}/docker-volumes/${user.name}`,
+    cacheRoot: `${root}/cache`,
+    shared: `${root}/shared`,
+  }).map((m) => ({
+    type: "bind",
+    source: m.source,
+    target: m.target,
+    ...(m.readOnly ? { readOnly: true } : {}),
+    ...(m.target === WORKSPACE_SHARED_DIR ? { bindOptions: { propagation: "rslave" } } : {}),
+  }));
 }
 
 /** Memory settings in MB: limit, reservation (the guarantee), and memory+swap. */
@@ -111,7 +123,7 @@ export class Workspace extends pulumi.ComponentResource {
     super("train-server:workspace:Workspace", name, {}, opts);
     const { config, user } = args;
     const password = new random.RandomPassword(`${name}-password`, { length: 24, special: false }, { parent: this });
-    this.password = password.result;
+    this.password = pulumi.secret(password.result);
     const lan = config.host.lanAddress;
     this.container = new docker.Container(
       `${name}-container`,
@@ -120,14 +132,15 @@ export class Workspace extends pulumi.ComponentResource {
         image: args.image,
         hostname: `${user.name}-workspace`,
         restart: "unless-stopped",
-        // Docker-in-Docker: the inner dockerd needs a privileged container (trusted team; see README)
-        privileged: true,
-        init: false,
-        envs: [`WORKSPACE_USER=${user.name}`, `WORKSPACE_UID=${user.uid}`, `WORKSPACE_GID=${user.uid}`, `WORKSPACE_ADMIN=${user.admin ? 1 : 0}`],
-        uploads: [{ file: PASSWORD_FILE, content: password.result, permissions: "0400" }],
+        // Docker-in-Docker needs a privileged container: sudo in a workspace is root on the host (trusted team)
+        privileged: WORKSPACE_PRIVILEGED,
+        envs: Object.entries(workspaceEnv({ user: user.name, uid: user.uid, sharedGroup: SHARED_GROUP, sharedGid: SHARED_GID })).map(([k, v]) => `${k}=${v}`),
+        // the password reaches the container as a root-only file at create, never as an environment variable
+        uploads: [{ file: WORKSPACE_PASSWORD_FILE, content: this.password, permissions: "0400" }],
+        // SSH on 2222+slot; the desktop (X2Go, which runs over SSH) on 4000+slot; both on the LAN address only
         ports: [
           { internal: WORKSPACE_PORTS.ssh, external: user.sshPort, ip: lan },
-          { internal: WORKSPACE_PORTS.desktop, external: user.desktopPort, ip: lan },
+          { internal: WORKSPACE_PORTS.ssh, external: user.desktopPort, ip: lan },
         ],
         networksAdvanced: [{ name: args.network, aliases: [workspaceContainer(user)] }],
         labels: Object.entries(traefikLabels(args.routes)).map(([label, value]) => ({ label, value })),
@@ -136,8 +149,8 @@ export class Workspace extends pulumi.ComponentResource {
         ...memorySettings(user),
         deviceRequests: gpuRequests(user),
         mounts: workspaceMounts(config, user),
-        healthcheck: { tests: ["CMD", "supervisorctl", "status"], interval: "60s", timeout: "10s", retries: 3, startPeriod: "120s" },
-        stopTimeout: 60,
+        // health: the image's HEALTHCHECK (every supervisord program RUNNING)
+        stopTimeout: WORKSPACE_STOP_TIMEOUT_S,
       },
       { parent: this, provider: args.provider, deleteBeforeReplace: true, dependsOn: args.after ?? [] },
     );

@@ -7,6 +7,8 @@ source "${BASH_SOURCE[0]%/*}/lib.sh"
 source "${BASH_SOURCE[0]%/*}/ops-lib.sh"
 action=$(ts_action "${1:-}")
 require_env TS_SYNC_SOURCE TS_SYNC_DESTINATION TS_SYNC_BWLIMIT TS_SYNC_MODE TS_RCLONE_CONFIG TS_TEXTFILE_DIR
+# from here on a failed apply (a missing rclone config included) is recorded in the metrics (DataSyncFailed)
+if [[ $action == apply ]]; then ops_start data-sync; fi
 ops_secret_file "$TS_RCLONE_CONFIG"
 export RCLONE_CONFIG=$TS_RCLONE_CONFIG
 case $TS_SYNC_MODE in copy | sync) ;; *) die "TS_SYNC_MODE must be copy or sync (got '$TS_SYNC_MODE')" ;; esac
@@ -19,7 +21,6 @@ case $action in
     log "nothing to destroy (the data stays in the Drive)"
     ;;
   apply)
-    ops_start data-sync
     rclone "$TS_SYNC_MODE" "$TS_SYNC_SOURCE" "$TS_SYNC_DESTINATION" --bwlimit "$TS_SYNC_BWLIMIT" \
       --stats-one-line --stats 0 -v >&2 || die "rclone $TS_SYNC_MODE failed (exit $?)"
     changed "rclone $TS_SYNC_MODE $TS_SYNC_SOURCE -> $TS_SYNC_DESTINATION"

@@ -3,6 +3,10 @@
 # is read from its raw counters and from `btrfs device stats -c` (exit 64 on any error counter).
 # Run by ts-scrub.timer. Inputs: TS_MOUNTPOINT, TS_TEXTFILE_DIR.
 # Metrics: train_server_btrfs_scrub_errors{type} (read, csum, verify, super, uncorrectable, corrected).
+# Outcome: fails (task_success 0) when this scrub found any error, corrected ones included (a disk going bad),
+# or when `btrfs device stats` counts any error. Those counters are cumulative and this job never resets them:
+# after an error every later run fails too (while its scrub_errors go back to 0) until the admin has checked the
+# disk and run `btrfs device stats -z <mountpoint>`.
 source "${BASH_SOURCE[0]%/*}/lib.sh"
 source "${BASH_SOURCE[0]%/*}/ops-lib.sh"
 action=$(ts_action "${1:-}")
@@ -33,7 +37,7 @@ case $action in
     result device_stats_rc "$stats_rc"
     ((rc == 0)) || die "btrfs scrub exited $rc"
     ((total == 0)) || die "scrub found $total error(s) (see train_server_btrfs_scrub_errors)"
-    ((stats_rc == 0)) || die "btrfs device stats reports errors (exit $stats_rc)"
+    ((stats_rc == 0)) || die "btrfs device stats reports errors (exit $stats_rc); once the disk is checked: btrfs device stats -z $TS_MOUNTPOINT"
     ;;
 esac
 finish

@@ -20,6 +20,11 @@ case $action in
   apply)
     ops_start snapshot
     mountpoint -q "$TS_MOUNTPOINT" || die "$TS_MOUNTPOINT is not mounted: no snapshot taken"
+    # btrbk does not create its snapshot_dir (relative to the volume): without it every source is skipped
+    while read -r dir; do
+      [[ $dir != /* && $dir != *..* ]] || die "snapshot_dir '$dir' in $TS_BTRBK_CONF must be relative to the volume"
+      [[ -d $TS_MOUNTPOINT/$dir ]] || { mkdir -p "$TS_MOUNTPOINT/$dir"; changed "created $TS_MOUNTPOINT/$dir"; }
+    done < <(awk '$1 == "snapshot_dir" {print $2}' "$TS_BTRBK_CONF")
     btrbk -c "$TS_BTRBK_CONF" -q run >&2
     changed "btrbk run"
     for dir in "$TS_MOUNTPOINT"/.snapshots/*/; do

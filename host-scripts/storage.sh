@@ -437,7 +437,12 @@ remount() {
   fi
 }
 
-is_subvolume() { [[ $(stat -f -c %T "$1") == btrfs && $(stat -c %i "$1") == 256 ]]; }
+# is_subvolume PATH: PATH (under MP) is a subvolume of the array — also when another filesystem is mounted over
+# it (the Drive's FUSE mount on shared/): then it is looked up in the array's subvolume list.
+is_subvolume() {
+  [[ $(stat -f -c %T "$1") == btrfs && $(stat -c %i "$1") == 256 ]] && return 0
+  mountpoint -q "$1" && btrfs subvolume list "$MP" | awk -v p="${1#"$MP"/}" '$NF == p {f = 1} END {exit !f}'
+}
 
 # ----------------------------------------------------------------------------------------- bcache layer
 BCACHE_SET=""

@@ -125,6 +125,10 @@ export interface HostFile {
 }
 
 /** The job scripts (file names under host-scripts/) installed on the host and run by the timers. */
+/** Host directories the Prometheus and Alertmanager containers mount read-only (see components/services.ts). */
+export const HOST_RULES_DIR = "/etc/train-server/prometheus/rules";
+export const HOST_ALERTMANAGER_DIR = "/etc/train-server/alertmanager";
+
 export const OPS_JOB_SCRIPTS = [
   "lib.sh",
   "ops-lib.sh",
@@ -237,8 +241,8 @@ function defaults(p: OpsParams) {
     configDir: p.configDir ?? "/etc/train-server/ops",
     unitDir: p.unitDir ?? "/etc/systemd/system",
     stateDir: p.stateDir ?? "/var/lib/train-server/ops",
-    rulesPath: p.rulesPath ?? "/etc/train-server/prometheus/rules/train-server-ops.rules.yml",
-    alertmanagerPath: p.alertmanagerPath ?? "/etc/train-server/alertmanager/alertmanager.yml",
+    rulesPath: p.rulesPath ?? `${HOST_RULES_DIR}/train-server-ops.rules.yml`,
+    alertmanagerPath: p.alertmanagerPath ?? `${HOST_ALERTMANAGER_DIR}/alertmanager.yml`,
     usageDirs: p.usageDirs ?? ["homes/{user}", "workspaces/{user}", "docker-volumes/{user}"],
   };
 }

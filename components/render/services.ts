@@ -37,6 +37,8 @@ export interface PrometheusParams {
   /** Alertmanager address (container:port). */
   alertmanager: string;
   scrapeInterval?: string;
+  /** Directory of the rule files as the prometheus container sees it (tests point it at a scratch dir). */
+  rulesDir?: string;
 }
 
 /** prometheus.yml: node-exporter, cAdvisor, GPU exporter, Traefik, Netdata, Prometheus itself; rules and Alertmanager. */
@@ -56,7 +58,7 @@ export function renderPrometheusConfig(p: PrometheusParams): string {
   ];
   return stringify({
     global: { scrape_interval: p.scrapeInterval ?? "30s", evaluation_interval: "30s" },
-    rule_files: ["/etc/prometheus/rules/*.yml"],
+    rule_files: [`${p.rulesDir ?? "/etc/prometheus/rules"}/*.yml`],
     alerting: { alertmanagers: [{ static_configs: [{ targets: [p.alertmanager] }] }] },
     scrape_configs: scrape,
   });
@@ -108,13 +110,14 @@ function dashboard(uid: string, title: string, panels: Panel[]): string {
   );
 }
 
-/** The provisioned dashboards (file name → JSON): host, containers (per user), GPU. */
-export function renderGrafanaDashboards(): Record<string, string> {
-  return {
+/** The provisioned dashboards (file name → JSON): host, containers (per user), and GPU on GPU hosts. */
+export function renderGrafanaDashboards(p: { mountpoint: string; gpu: boolean }): Record<string, string> {
+  const mp = p.mountpoint;
+  const boards: Record<string, string> = {
     "node.json": dashboard("ts-node", "Host", [
       { title: "CPU busy", expr: '1 - avg(rate(node_cpu_seconds_total{mode="idle"}[5m]))', unit: "percentunit", legend: "cpu" },
       { title: "Memory used", expr: "node_memory_MemTotal_bytes - node_memory_MemAvailable_bytes", unit: "bytes", legend: "used" },
-      { title: "Array used", expr: '1 - node_filesystem_avail_bytes{mountpoint="/mnt/storage"} / node_filesystem_size_bytes{mountpoint="/mnt/storage"}', unit: "percentunit", legend: "/mnt/storage" },
+      { title: "Array used", expr: `1 - node_filesystem_avail_bytes{mountpoint="${mp}"} / node_filesystem_size_bytes{mountpoint="${mp}"}`, unit: "percentunit", legend: mp },
       { title: "Disk I/O", expr: "rate(node_disk_io_time_seconds_total[5m])", unit: "percentunit", legend: "{{device}}" },
     ]),
     "containers.json": dashboard("ts-containers", "Workspaces and services", [
@@ -123,11 +126,13 @@ export function renderGrafanaDashboards(): Record<string, string> {
       { title: "OOM events", expr: 'sum by (name) (increase(container_oom_events_total{name!=""}[1h]))', unit: "short", legend: "{{name}}" },
       { title: "Network in", expr: 'sum by (name) (rate(container_network_receive_bytes_total{name!=""}[5m]))', unit: "Bps", legend: "{{name}}" },
     ]),
-    "gpu.json": dashboard("ts-gpu", "GPU", [
+  };
+  if (!p.gpu) return boards;
+  boards["gpu.json"] = dashboard("ts-gpu", "GPU", [
       { title: "GPU utilisation", expr: "DCGM_FI_DEV_GPU_UTIL", unit: "percent", legend: "GPU {{gpu}}" },
       { title: "GPU temperature", expr: "DCGM_FI_DEV_GPU_TEMP", unit: "celsius", legend: "GPU {{gpu}}" },
       { title: "GPU memory used", expr: "DCGM_FI_DEV_FB_USED * 1024 * 1024", unit: "bytes", legend: "GPU {{gpu}}" },
       { title: "GPU power", expr: "DCGM_FI_DEV_POWER_USAGE", unit: "watt", legend: "GPU {{gpu}}" },
-    ]),
-  };
+  ]);
+  return boards;
 }

@@ -142,8 +142,9 @@ export interface WorkspaceMountParams {
   state: string;
   /** Parent of the shared caches, e.g. /mnt/storage/cache (holding pip, conda, huggingface, ...). */
   cacheRoot: string;
-  /** Host file holding the password (root:root 0400). */
-  passwordFile: string;
+  /** Host file holding the password (root:root 0400); omitted: the password file is put into the container
+   * another way (the program uploads it at create, mode 0400). */
+  passwordFile?: string;
   /** The shared drive, e.g. /shared; omitted: not mounted. */
   shared?: string;
 }
@@ -160,7 +161,7 @@ export function workspaceMounts(p: WorkspaceMountParams): WorkspaceMount[] {
     { source: p.home, target: `${WORKSPACE_HOME_PARENT}/${p.user}`, readOnly: false },
     { source: p.scratch, target: WORKSPACE_SCRATCH_DIR, readOnly: false },
     { source: p.state, target: WORKSPACE_STATE_DIR, readOnly: false },
-    { source: p.passwordFile, target: WORKSPACE_PASSWORD_FILE, readOnly: true },
+    ...(p.passwordFile !== undefined ? [{ source: p.passwordFile, target: WORKSPACE_PASSWORD_FILE, readOnly: true }] : []),
     ...WORKSPACE_CACHE_MOUNTS.map((c) => ({ source: path.posix.join(p.cacheRoot, c), target: `/cache/${c}`, readOnly: false })),
   ];
   if (p.shared !== undefined) mounts.push({ source: p.shared, target: WORKSPACE_SHARED_DIR, readOnly: false });

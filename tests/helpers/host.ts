@@ -76,6 +76,25 @@ export class Scratch {
     return dev;
   }
 
+  /**
+   * A scratch BTRFS filesystem on one fresh loop device of `sizeMb`, mounted at `<scratch>/<name>` (unmounted at
+   * cleanup), with `subvolumes` created (parents made as plain directories). Returns the mountpoint.
+   */
+  btrfsArray(opts: { sizeMb?: number; name?: string; mountOptions?: string; quota?: boolean; subvolumes?: string[] } = {}): string {
+    const dev = this.loopDevice(opts.sizeMb ?? 1024);
+    sh("mkfs.btrfs", ["-q", dev]);
+    const mnt = path.join(this.dir, opts.name ?? "mnt");
+    fs.mkdirSync(mnt, { recursive: true });
+    sh("mount", [...(opts.mountOptions ? ["-o", opts.mountOptions] : []), dev, mnt]);
+    this.mountedAt(mnt);
+    if (opts.quota) sh("btrfs", ["quota", "enable", mnt]);
+    for (const sv of opts.subvolumes ?? []) {
+      fs.mkdirSync(path.join(mnt, path.dirname(sv)), { recursive: true });
+      sh("btrfs", ["-q", "subvolume", "create", path.join(mnt, sv)]);
+    }
+    return mnt;
+  }
+
   /** Register a mountpoint to unmount (lazily, if busy) at cleanup. */
   mountedAt(mountpoint: string): void {
     this.undo.push(() => {

@@ -103,15 +103,7 @@ describe("baseline.sh in a booted systemd container", () => {
 
   beforeAll(() => {
     const rootfs = ensureRootfs("baseline-bookworm", BASELINE_PACKAGES);
-    const dev = scratch.loopDevice(2048);
-    sh("mkfs.btrfs", ["-q", dev]);
-    const array = path.join(scratch.dir, "array");
-    fs.mkdirSync(array);
-    sh("mount", [dev, array]);
-    scratch.mountedAt(array);
-    for (const sub of ["homes", "workspaces", "shared", "docker-volumes", "cache", "snapshots"]) {
-      sh("btrfs", ["-q", "subvolume", "create", path.join(array, sub)]);
-    }
+    const array = scratch.btrfsArray({ sizeMb: 2048, name: "array", subvolumes: ["homes", "workspaces", "shared", "docker-volumes", "cache", "snapshots"] });
     c = NspawnContainer.start(scratch, rootfs, [`${array}:${MP}`]);
     c.run(["useradd", "-m", "-s", "/bin/bash", params.adminUser]);
     write(params);

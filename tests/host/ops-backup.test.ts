@@ -23,16 +23,7 @@ const sample = (text: string, metric: string) => {
 
 beforeAll(() => {
   scratch = new Scratch("ts-ops-backup-");
-  const dev = scratch.loopDevice(1024);
-  sh("mkfs.btrfs", ["-q", dev]);
-  mnt = path.join(scratch.dir, "mnt");
-  fs.mkdirSync(mnt);
-  sh("mount", [dev, mnt]);
-  scratch.mountedAt(mnt);
-  for (const sv of ["homes/alice", "homes/bob", "docker-volumes/alice"]) {
-    fs.mkdirSync(path.join(mnt, path.dirname(sv)), { recursive: true });
-    sh("btrfs", ["subvolume", "create", path.join(mnt, sv)]);
-  }
+  mnt = scratch.btrfsArray({ sizeMb: 1024, subvolumes: ["homes/alice", "homes/bob", "docker-volumes/alice"] });
   writeRandomFile(path.join(mnt, "homes/alice/checkpoints/model.pt"), 24);
   writeRandomFile(path.join(mnt, "homes/bob/data.bin"), 12);
   writeRandomFile(path.join(mnt, "docker-volumes/alice/db/pg.dat"), 4);

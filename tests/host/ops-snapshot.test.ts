@@ -39,17 +39,8 @@ let mnt: string;
 let env: Record<string, string>;
 beforeAll(() => {
   scratch = new Scratch("ts-ops-snapshot-");
-  const dev = scratch.loopDevice(512);
-  sh("mkfs.btrfs", ["-q", dev]);
-  mnt = path.join(scratch.dir, "mnt");
-  fs.mkdirSync(mnt);
-  sh("mount", [dev, mnt]);
-  scratch.mountedAt(mnt);
-  for (const sv of ["homes/alice", "docker-volumes/alice"]) {
-    fs.mkdirSync(path.join(mnt, path.dirname(sv)), { recursive: true });
-    sh("btrfs", ["subvolume", "create", path.join(mnt, sv)]);
-    fs.writeFileSync(path.join(mnt, sv, "notes.txt"), `data of ${sv}\n`);
-  }
+  mnt = scratch.btrfsArray({ sizeMb: 512, subvolumes: ["homes/alice", "docker-volumes/alice"] });
+  for (const sv of ["homes/alice", "docker-volumes/alice"]) fs.writeFileSync(path.join(mnt, sv, "notes.txt"), `data of ${sv}\n`);
   const conf = path.join(scratch.dir, "btrbk.conf");
   fs.writeFileSync(conf, renderBtrbkConf(exampleOpsParams({ mountpoint: mnt })));
   env = { TS_BTRBK_CONF: conf, TS_MOUNTPOINT: mnt, TS_TEXTFILE_DIR: path.join(scratch.dir, "textfile"), TZ: "UTC" };

@@ -19,17 +19,7 @@ let env: Record<string, string>;
 
 beforeAll(() => {
   scratch = new Scratch("ts-ops-usage-");
-  const dev = scratch.loopDevice(1024);
-  sh("mkfs.btrfs", ["-q", dev]);
-  mnt = path.join(scratch.dir, "mnt");
-  fs.mkdirSync(mnt);
-  sh("mount", ["-o", "compress=zstd", dev, mnt]);
-  scratch.mountedAt(mnt);
-  sh("btrfs", ["quota", "enable", mnt]);
-  for (const sv of ["homes/alice", "workspaces/alice", "docker-volumes/alice", "homes/bob"]) {
-    fs.mkdirSync(path.join(mnt, path.dirname(sv)), { recursive: true });
-    sh("btrfs", ["subvolume", "create", path.join(mnt, sv)]);
-  }
+  mnt = scratch.btrfsArray({ sizeMb: 1024, mountOptions: "compress=zstd", quota: true, subvolumes: ["homes/alice", "workspaces/alice", "docker-volumes/alice", "homes/bob"] });
   fs.mkdirSync(path.join(mnt, "workspaces/bob")); // a plain directory: du fallback
   writeRandomFile(path.join(mnt, "homes/alice/a.bin"), 30);
   writeRandomFile(path.join(mnt, "workspaces/alice/ckpt.bin"), 40);

@@ -60,14 +60,7 @@ beforeAll(() => {
     }
     bash(`getent group ${SHARED.group} >/dev/null && groupdel ${SHARED.group}`);
   });
-  const dev = scratch.loopDevice(1024);
-  sh("mkfs.btrfs", ["-q", dev]);
-  fs.mkdirSync(mp);
-  sh("mount", [dev, mp]);
-  scratch.mountedAt(mp);
-  for (const sub of ["homes", "workspaces", "shared", "docker-volumes", "cache", "snapshots"]) {
-    sh("btrfs", ["-q", "subvolume", "create", path.join(mp, sub)]);
-  }
+  scratch.btrfsArray({ sizeMb: 1024, name: "array", subvolumes: ["homes", "workspaces", "shared", "docker-volumes", "cache", "snapshots"] }); // at mp
   // C: an account the admin made by hand (not train-server's)
   sh("useradd", ["-u", String(C.uid), "-M", "-s", "/bin/bash", C.name]);
 });

@@ -152,6 +152,10 @@ describe("workspace image (core target) in a private dockerd", () => {
       timed("docker save (cache)", () => {
         d.dockerOk(["save", "-o", `${cached}.tmp`, image], { timeoutMs: 600_000 });
         fs.renameSync(`${cached}.tmp`, cached);
+        // keep only the current image: older ones belong to build contexts that no longer exist
+        for (const f of fs.readdirSync(TEST_CACHE)) {
+          if (/^workspace-core-.*\.tar$/.test(f) && path.join(TEST_CACHE, f) !== cached) fs.rmSync(path.join(TEST_CACHE, f), { force: true });
+        }
       });
     }
 

@@ -47,3 +47,10 @@ test("the README's two set-up commands are the plan and the full test run", () =
   expect(readme).toContain("npm ci && npm test");
   expect(fs.readFileSync(path.join(__dirname, "..", "..", ".ci", "run"), "utf8")).toMatch(/^npm ci && npm test$/m);
 });
+
+test("the pull-request workflow runs the offline plan (no secrets) and the README's test command", () => {
+  const wf = fs.readFileSync(path.join(__dirname, "..", "..", ".github", "workflows", "pull-request.yml"), "utf8");
+  expect(wf).toContain("npm ci && npm run plan");
+  expect(wf).toContain("npm ci && npm test");
+  expect(wf).toMatch(/command: preview\s+stack-name: prod\s+comment-on-pr: true/);
+});

@@ -59,7 +59,8 @@ describe("workspaces of the prod stack", () => {
       expect(w.inputs.ports).toEqual(
         expect.arrayContaining([
           expect.objectContaining({ internal: 22, external: 2222 + slot, ip: "192.168.1.50" }),
-          expect.objectContaining({ internal: 4000, external: 4000 + slot, ip: "192.168.1.50" }),
+          // the desktop is X2Go, which runs over SSH: 4000+slot reaches the container's sshd too
+          expect.objectContaining({ internal: 22, external: 4000 + slot, ip: "192.168.1.50" }),
         ]),
       );
       all.push(...w.inputs.ports.map((p: any) => p.external));
@@ -75,7 +76,7 @@ describe("workspaces of the prod stack", () => {
     }
   });
 
-  test("mounts: home, /workspace, /shared, the caches and the inner Docker's data, all from the array", () => {
+  test("mounts: home, /workspace, /shared, the caches and the state dir (inner Docker, host keys), all from the array", () => {
     const alice = byName(res, "workspace-alice");
     const targets = Object.fromEntries(alice.inputs.mounts.map((m: any) => [m.target, m.source]));
     expect(targets).toMatchObject({
@@ -84,8 +85,9 @@ describe("workspaces of the prod stack", () => {
       "/shared": "/mnt/storage/shared",
       "/cache/pip": "/mnt/storage/cache/pip",
       "/cache/huggingface": "/mnt/storage/cache/huggingface",
-      "/var/lib/docker": "/mnt/storage/docker-volumes/alice",
+      "/var/lib/workspace": "/mnt/storage/docker-volumes/alice",
     });
+    expect(alice.inputs.mounts.find((m: any) => m.target === "/shared").bindOptions).toEqual({ propagation: "rslave" });
   });
 
   test("routes <user>-code and <user>-jupyter point Traefik at the user's container", () => {

@@ -1,0 +1,233 @@
+/**
+ * RIG REPLAY: the program's exact remote commands (from Pulumi.rig.yaml, under mocks) executed over real SSH
+ * against a booted systemd container with blank loop disks (tests/helpers/rig.ts), as the engine would run them
+ * (tests/helpers/replay.ts): up, a second up, the prod protections, destroy. Asserts what an admin would check
+ * on the server after each. Docker/Cloudflare/random resources cannot run here and are listed as skipped.
+ */
+import { Scratch } from "../helpers/host";
+import { clone, stackRaw, TEST_SECRETS } from "../helpers/program";
+import { CommandRun, Plan, planOf, Replayer } from "../helpers/replay";
+import { Rig } from "../helpers/rig";
+
+jest.setTimeout(900_000);
+
+const MP = "/mnt/storage";
+const TEXTFILES = "/var/lib/prometheus/node-exporter";
+/** The Drive and the GCS bucket of a rig: local directories behind rclone alias remotes. */
+const RCLONE_CONFIG = "[gdrive]\ntype = alias\nremote = /srv/rig-drive\n\n[gcs]\ntype = alias\nremote = /srv/rig-bucket\n";
+/** The jobs started by hand once after `up` (all of them: the rig's remotes are local). */
+const JOBS = ["snapshot", "usage-collector", "scrub", "backup", "verify-restore", "data-sync"];
+
+describe("RIG REPLAY: the rig stack's remote commands against a booted systemd container", () => {
+  const scratch = new Scratch("ts-rig-replay-");
+  const replayer = new Replayer();
+  const t0 = Date.now();
+  const timing: Array<[string, number]> = [];
+  const firstRun = new Map<string, number>();
+  const secondRun = new Map<string, number>();
+  let rig: Rig;
+  let raw: Record<string, any>;
+  let secrets: Record<string, string>;
+  let plan: Plan;
+  let uuid = "";
+
+  /** As the admin over SSH (sudo for root); throws on failure. */
+  const ssh = (line: string): string => {
+    const r = rig.ssh(line);
+    if (r.status !== 0) throw new Error(`ssh \`${line}\` exited ${r.status}: ${r.stderr}`);
+    return r.stdout;
+  };
+  const sudo = (line: string): string => {
+    const r = rig.ssh("sudo -n bash -s", line);
+    if (r.status !== 0) throw new Error(`sudo \`${line}\` exited ${r.status}: ${r.stderr}`);
+    return r.stdout;
+  };
+  const phase = <T>(name: string, fn: () => T): T => {
+    const s = Date.now();
+    try {
+      return fn();
+    } finally {
+      timing.push([name, Date.now() - s]);
+    }
+  };
+  const names = (runs: CommandRun[]) => runs.map((r) => r.name);
+
+  beforeAll(async () => {
+    rig = phase("boot rig", () => Rig.start(scratch, { disks: 2, diskMb: 512 }));
+    raw = clone(stackRaw("rig"));
+    expect(raw.rig).toBe(true);
+    raw.host = { ...raw.host, address: rig.address, lanAddress: rig.address, lanCidr: rig.lanCidr };
+    raw.storage = { ...raw.storage, devices: rig.devices };
+    secrets = { ...TEST_SECRETS, sshPrivateKey: rig.privateKey, rcloneConfig: RCLONE_CONFIG };
+    plan = await planOf(raw, secrets);
+    // the fake Drive and bucket (outside the program, like Google's side)
+    rig.run("mkdir -p /srv/rig-drive /srv/rig-bucket/rig-bucket && echo dataset > /srv/rig-bucket/rig-bucket/train.csv");
+  });
+
+  afterAll(() => {
+    replayer.cleanup();
+    scratch.cleanup();
+    const rows = [...firstRun.keys()].map((k) => `  ${k.padEnd(28)} ${String(firstRun.get(k)).padStart(7)} ms ${String(secondRun.get(k) ?? "-").padStart(7)} ms`);
+    console.log(
+      [
+        `RIG REPLAY timings (total ${Date.now() - t0} ms)`,
+        ...timing.map(([k, ms]) => `  ${k.padEnd(36)} ${String(ms).padStart(7)} ms`),
+        `  ${"step".padEnd(28)} ${"1st up".padStart(10)} ${"forced re-run".padStart(10)}`,
+        ...rows,
+      ].join("\n"),
+    );
+  });
+
+  test("the plan: remote commands in dependency order; other providers' resources listed as skipped", () => {
+    const order = names(plan.commands as unknown as CommandRun[]);
+    const idx = (n: string) => order.indexOf(n);
+    expect(order).toEqual(expect.arrayContaining(["server-storage-apply", "server-users-apply", "server-baseline-apply", "server-ops-apply", "server-services-data-dirs-apply"]));
+    expect(idx("server-storage-teardown")).toBeLessThan(idx("server-storage-apply"));
+    expect(idx("server-storage-apply")).toBeLessThan(idx("server-users-apply"));
+    expect(idx("server-users-apply")).toBeLessThan(idx("server-baseline-apply"));
+    expect(idx("server-users-apply")).toBeLessThan(idx("server-ops-apply"));
+    expect(idx("server-baseline-apply")).toBeLessThan(idx("server-services-data-dirs-apply"));
+    // a rig: nothing protected, nothing retained
+    expect(plan.commands.filter((c) => c.protect || c.retainOnDelete)).toEqual([]);
+    for (const c of plan.commands) expect(c.connection).toMatchObject({ host: rig.address, user: "ops", port: 22 });
+    const skipped = plan.skipped.map((s) => `${s.type} ${s.name}`);
+    expect(skipped.some((s) => s.startsWith("docker:"))).toBe(true);
+    expect(skipped.some((s) => s.startsWith("cloudflare:"))).toBe(true);
+    console.log(`replayed: ${plan.commands.length} remote commands; NOT run (other providers, no fakes): ${skipped.length}\n  ${skipped.join("\n  ")}`);
+  });
+
+  test("up: every command runs once, in order, and succeeds", () => {
+    const runs = phase("up", () => replayer.up(plan));
+    expect(names(runs)).toEqual(plan.commands.map((c) => c.name));
+    for (const r of runs) {
+      expect({ name: r.name, status: r.status }).toEqual({ name: r.name, status: 0 });
+      if (r.name.endsWith("-apply")) {
+        firstRun.set(r.name.replace(/-apply$/, ""), r.ms);
+        expect({ name: r.name, changes: Number(r.results.changes) > 0 }).toEqual({ name: r.name, changes: true });
+      }
+    }
+    uuid = runs.find((r) => r.name === "server-storage-apply")!.results.uuid;
+    expect(uuid).toMatch(/^[0-9a-f-]{36}$/);
+  });
+
+  test("after up: the array, the accounts, sshd, the firewall and Docker are what the config says", () => {
+    // array: both disks, raid1 data and metadata, mounted by UUID from fstab, subvolumes
+    const df = sudo(`btrfs filesystem df ${MP}`);
+    expect(df).toMatch(/^Data, RAID1:/m);
+    expect(df).toMatch(/^Metadata, RAID1:/m);
+    const show = sudo(`btrfs filesystem show ${MP}`);
+    for (const d of rig.devices) expect(show).toContain(d);
+    expect(show).toContain(uuid);
+    expect(sudo("cat /etc/fstab")).toMatch(new RegExp(`^UUID=${uuid}\\s+${MP}\\s+btrfs\\s+noatime,compress=zstd:3,space_cache=v2`, "m"));
+    const subvols = sudo(`btrfs subvolume list ${MP}`);
+    for (const sv of ["homes", "workspaces", "shared", "docker-volumes", "docker-data", "cache", "snapshots", "homes/alice", "homes/bob", "workspaces/alice", "docker-volumes/bob"]) {
+      expect(subvols).toMatch(new RegExp(` path ${sv}$`, "m"));
+    }
+    // users: uid, home on the array, key-only, groups, authorized_keys exactly the configured keys
+    for (const u of raw.users as Array<{ name: string; uid: number; sshKeys: string[]; admin?: boolean }>) {
+      expect(ssh(`getent passwd ${u.name}`).trim()).toBe(`${u.name}:x:${u.uid}:${u.uid}::${MP}/homes/${u.name}:/bin/bash`);
+      const groups = ssh(`id -nG ${u.name}`).trim().split(" ");
+      expect(groups).toEqual(expect.arrayContaining(["docker", "mlusers"]));
+      expect(groups.includes("sudo")).toBe(!!u.admin);
+      expect(sudo(`cat ${MP}/homes/${u.name}/.ssh/authorized_keys`)).toBe(u.sshKeys.join("\n") + "\n");
+      expect(sudo(`stat -c '%a %U' ${MP}/homes/${u.name} ${MP}/homes/${u.name}/.ssh/authorized_keys`)).toBe(`750 ${u.name}\n600 ${u.name}\n`);
+      expect(sudo(`btrfs qgroup show -p ${MP}`)).toMatch(new RegExp(`^1/${u.uid}\\s`, "m"));
+    }
+    // sshd: the drop-in is in force (and the admin still gets in: we are using it)
+    const sshdT = sudo("sshd -T").split("\n");
+    for (const want of ["passwordauthentication no", "permitrootlogin no", "kbdinteractiveauthentication no", "authenticationmethods publickey", "port 22"]) {
+      expect(sshdT).toContain(want);
+    }
+    // firewall: active, deny by default, SSH from the LAN only; DOCKER-USER filters the users' ports
+    const ufw = sudo("ufw status verbose");
+    expect(ufw).toMatch(/^Status: active$/m);
+    expect(ufw).toMatch(/Default: deny \(incoming\), allow \(outgoing\)/);
+    expect(ufw.split("\n").filter((l) => /ALLOW|DENY/.test(l)).map((l) => l.trim().split(/\s{2,}/))).toEqual([["22/tcp", "ALLOW IN", rig.lanCidr]]);
+    expect(sudo("iptables -S DOCKER-USER")).toContain(`! -s ${rig.lanCidr} -p tcp -m conntrack --ctorigdstport 2222`);
+    // docker: btrfs driver, data root on the array; fail2ban running its sshd jail
+    expect(sudo("docker info --format '{{.Driver}} {{.DockerRootDir}}'").trim()).toBe(`btrfs ${MP}/docker-data`);
+    for (const svc of ["ssh", "docker", "fail2ban", "ufw"]) expect(ssh(`systemctl is-active ${svc}`).trim()).toBe("active");
+    // shared caches and the services' data directories
+    expect(sudo(`stat -c '%a %U:%G' ${MP}/cache/pip`).trim()).toBe("2775 root:mlusers");
+    expect(sudo(`stat -c '%a %u:%g' ${MP}/docker-volumes/grafana ${MP}/docker-volumes/prometheus`)).toBe("750 472:0\n750 65534:65534\n");
+  });
+
+  test("after up: the ops timers are listed, the Drive is mounted, and every job runs once successfully", () => {
+    const timers = ssh("systemctl list-timers --all --no-legend");
+    for (const t of ["ts-snapshot", "ts-backup", "ts-verify-restore", "ts-scrub", "ts-usage-collector", "ts-data-sync"]) expect(timers).toContain(`${t}.timer`);
+    expect(ssh("systemctl is-active ts-drive-mount.service").trim()).toBe("active");
+    expect(sudo(`findmnt -n -o FSTYPE ${MP}/shared`).trim()).toMatch(/^fuse/);
+    sudo(`echo 'some work' > ${MP}/homes/alice/notes.txt && chown alice: ${MP}/homes/alice/notes.txt`);
+    phase("ops jobs (all six, once)", () => {
+      for (const job of JOBS) {
+        const r = rig.ssh(`sudo -n systemctl start ts-${job}.service`);
+        const log = r.status === 0 ? "" : sudo(`journalctl -u ts-${job}.service --no-pager | tail -30`);
+        expect({ job, status: r.status, log }).toEqual({ job, status: 0, log: "" });
+        expect(sudo(`cat ${TEXTFILES}/train_server_${job}.prom`)).toContain(`train_server_task_success{task="${job}"} 1`);
+      }
+    });
+    expect(sudo(`cat ${TEXTFILES}/train_server_usage-collector.prom`)).toContain(`train_server_mount_up{mountpoint="${MP}/shared"} 1`);
+    expect(sudo(`cat ${TEXTFILES}/train_server_verify-restore.prom`)).toContain("train_server_verify_mismatches{} 0");
+    expect(sudo("ls /srv/rig-drive/train-server/restic")).toContain("config");
+    expect(sudo("cat /srv/rig-drive/gcs-mirror/train.csv")).toBe("dataset\n");
+    expect(sudo(`ls ${MP}/.snapshots/homes`)).toMatch(/^alice\.\d{8}T\d{4}/m);
+  });
+
+  test("second up: nothing changed, so nothing re-runs; every apply forced once more reports changes=0", async () => {
+    const again = await planOf(raw, secrets);
+    expect(phase("second up (engine diff)", () => names(replayer.up(again)))).toEqual([]);
+    const applies = again.commands.filter((x) => x.name.endsWith("-apply"));
+    const forced = phase("second up (forced re-run of every apply)", () =>
+      applies.map((c) => {
+        const r = replayer.run(c, "update", c.stdin);
+        secondRun.set(c.name.replace(/-apply$/, ""), r.ms);
+        // stderr shown only for a step that changed something or failed
+        return { name: c.name, status: r.status, changes: r.results.changes, stderr: r.status || r.results.changes !== "0" ? r.stderr : "" };
+      }),
+    );
+    expect(forced).toEqual(applies.map((c) => ({ name: c.name, status: 0, changes: "0", stderr: "" })));
+  });
+
+  test("prod config (rig: false): teardowns protected and retained; forced, they refuse and the data stays", async () => {
+    const prod = await planOf({ ...raw, rig: false }, secrets);
+    const kept = ["server-storage-teardown", "server-users-teardown", "server-baseline-teardown"];
+    for (const n of kept) expect(prod.commands.find((c) => c.name === n)).toMatchObject({ protect: true, retainOnDelete: true });
+    expect(() => replayer.destroy(prod)).toThrow(/protected resources server-storage-teardown/);
+    // switching the stack to prod re-runs exactly the steps whose bundle changed (TS_ALLOW_WIPE=0) — no change on the host
+    const switched = phase("up with rig: false", () => replayer.up(prod));
+    expect(names(switched).sort()).toEqual(["server-baseline-apply", "server-storage-apply", "server-users-apply"]);
+    for (const r of switched) expect({ name: r.name, changes: r.results.changes }).toEqual({ name: r.name, changes: "0" });
+
+    const file = `${MP}/homes/bob/model.bin`;
+    sudo(`head -c 4M /dev/urandom > ${file}`);
+    const before = sudo(`sha256sum ${file}; btrfs filesystem show ${MP} | head -1; grep ' ${MP} ' /etc/fstab; getent passwd alice bob`);
+    for (const n of kept) {
+      const r = replayer.run(prod.commands.find((c) => c.name === n)!, "delete");
+      expect({ n, status: r.status }).toEqual({ n, status: 3 });
+      expect(r.stderr).toMatch(/REFUSED/);
+    }
+    expect(sudo(`sha256sum ${file}; btrfs filesystem show ${MP} | head -1; grep ' ${MP} ' /etc/fstab; getent passwd alice bob`)).toBe(before);
+    expect(ssh(`mountpoint ${MP}`)).toContain("is a mountpoint");
+    // back to the rig stack
+    expect(names(replayer.up(plan)).sort()).toEqual(["server-baseline-apply", "server-storage-apply", "server-users-apply"]);
+  });
+
+  test("destroy: teardowns in reverse order leave the rig bare", () => {
+    const runs = phase("destroy", () => replayer.destroy(plan));
+    expect(names(runs)).toEqual(["server-ops-teardown", "server-baseline-teardown", "server-users-teardown", "server-storage-teardown"]);
+    for (const r of runs) expect({ name: r.name, status: r.status }).toEqual({ name: r.name, status: 0 });
+    expect(rig.ssh(`mountpoint -q ${MP}`).status).not.toBe(0);
+    for (const d of rig.devices) expect(rig.ssh(`sudo -n blkid -p ${d}`).status).toBe(2);
+    expect(sudo("cat /etc/fstab")).not.toContain(MP);
+    expect(sudo(`cat /etc/fstab`)).not.toContain(uuid);
+    for (const u of ["alice", "bob"]) expect(rig.ssh(`getent passwd ${u}`).status).toBe(2);
+    expect(ssh("systemctl list-timers --all --no-legend")).not.toMatch(/ts-/);
+    expect(sudo("ls /etc/systemd/system")).not.toMatch(/^ts-/m);
+    expect(sudo("ls /etc/ssh/sshd_config.d /etc/docker")).not.toMatch(/10-train-server|daemon\.json/);
+    expect(ssh("systemctl is-active docker ssh").trim()).toBe("active\nactive");
+    // what stays: the installed step copies (root-only) — harmless to a rebuild
+    expect(sudo(`stat -c '%a %U' /var/lib/train-server/steps`).trim()).toBe("700 root");
+    // the admin can still log in
+    expect(ssh("echo still-here").trim()).toBe("still-here");
+  });
+});
