@@ -146,7 +146,8 @@ export function renderBundle(p: BundleParts): string {
 /** The delete command of a step's teardown child: runs the installed copy's `destroy`, if installed. */
 export function teardownCommand(step: string, asRoot: string): string {
   const dir = `${STEPS_DIR}/${step}`;
-  const body = `d=${dir}; if [ -f "$d/script.sh" ]; then set -a; . "$d/env"; set +a; bash "$d/script.sh" destroy </dev/null; else echo "step ${step}: nothing installed"; fi`;
+  // after a successful destroy the step's copy goes too (its env and files may hold secrets)
+  const body = `d=${dir}; if [ -f "$d/script.sh" ]; then set -a; . "$d/env"; set +a; bash "$d/script.sh" destroy </dev/null && rm -rf "$d"; else echo "step ${step}: nothing installed"; fi`;
   return `${asRoot}bash -c ${shellQuote(body)}`;
 }
 

@@ -108,6 +108,8 @@ export class Operations extends pulumi.ComponentResource {
   /** The restic repository password (a secret): keep a copy offline, the backups are useless without it. */
   readonly resticPassword: pulumi.Output<string>;
   readonly driveCacheSizeGb: pulumi.Output<number>;
+  /** The install step (later steps that need the Drive mounted depend on it). */
+  readonly ready: pulumi.Resource;
 
   constructor(name: string, args: OperationsArgs, opts?: pulumi.ComponentResourceOptions) {
     super("train-server:operations:Operations", name, {}, opts);
@@ -138,7 +140,8 @@ export class Operations extends pulumi.ComponentResource {
       );
     const files = Object.fromEntries(Object.keys(layout).map((k) => [k, pulumi.secret(rendered.apply((r) => r[k]))]));
 
-    new HostScript(name, { host: args.host, script: "ops-install", env: {}, files, teardown: true, after: args.after ?? [] }, { parent: this });
+    const step = new HostScript(name, { host: args.host, script: "ops-install", env: {}, files, teardown: true, after: args.after ?? [] }, { parent: this });
+    this.ready = step.apply;
     this.registerOutputs({ driveCacheSizeGb: this.driveCacheSizeGb });
   }
 }

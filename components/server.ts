@@ -2,8 +2,11 @@
  * TrainServer: the root component. Composes everything one server needs, in dependency order, from one
  * validated ServerConfig:
  *
- *   Host → StorageArray → UserAccounts → HostBaseline → SharedServices → WorkspaceImage → Workspace × N
- *                                   └──→ Operations          Edge (Cloudflare) ──tunnel token──┘
+ *   Host → StorageArray → Operations → UserAccounts → HostBaseline → SharedServices → WorkspaceImage → Workspace × N
+ *                                                               Edge (Cloudflare) ──tunnel token──┘
+ *
+ * Operations comes before the accounts because it mounts the Drive on <mountpoint>/shared: users.sh then makes
+ * each user's /shared/tensorboard/<user> on the Drive itself, not in the directory the mount would hide.
  *
  * Nothing here is a module-level singleton, so a fleet later is a list of these.
  */
@@ -54,13 +57,13 @@ export class TrainServer extends pulumi.ComponentResource {
     const parent = { parent: this };
     this.host = new Host(`${name}-host`, { config, privateKey: secrets.sshPrivateKey }, parent);
     this.storage = new StorageArray(`${name}-storage`, { config, host: this.host }, parent);
-    this.users = new UserAccounts(`${name}-users`, { config, host: this.host, after: [this.storage.ready] }, parent);
-    this.baseline = new HostBaseline(`${name}-baseline`, { config, host: this.host, after: [this.users.ready] }, parent);
     this.operations = new Operations(
       `${name}-ops`,
-      { config, host: this.host, secrets, deviceBytes: this.storage.deviceBytes, after: [this.users.ready] },
+      { config, host: this.host, secrets, deviceBytes: this.storage.deviceBytes, after: [this.storage.ready] },
       parent,
     );
+    this.users = new UserAccounts(`${name}-users`, { config, host: this.host, after: [this.operations.ready] }, parent);
+    this.baseline = new HostBaseline(`${name}-baseline`, { config, host: this.host, after: [this.users.ready] }, parent);
 
     this.routes = buildRoutes(config);
     // cloudflared runs in the host network and reaches Traefik where it is published: the LAN address

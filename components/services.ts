@@ -77,7 +77,6 @@ export class SharedServices extends pulumi.ComponentResource {
         host: args.host,
         script: "service-dirs",
         env: { TS_DIRS: Object.entries(SERVICE_DATA).map(([svc, d]) => `${dataDir(svc)} ${d.owner} 0750`).join("\n") },
-        teardown: false,
         after: args.after ?? [],
       },
       { parent: this },

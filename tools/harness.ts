@@ -55,14 +55,14 @@ export interface RunResult<T> {
 export type StackConfig = Record<string, unknown>;
 
 /** Read `Pulumi.<stack>.yaml` and return its config with `secure:` values replaced by placeholders. */
-export function readStackFile(stack: string, root = REPO_ROOT): { config: Record<string, string>; secretKeys: string[] } {
+export function readStackFile(stack: string, root: string = REPO_ROOT): { config: Record<string, string>; secretKeys: string[] } {
   const file = path.join(root, `Pulumi.${stack}.yaml`);
   if (!fs.existsSync(file)) throw new Error(`no stack file ${file} (stacks: ${listStacks(root).join(", ")})`);
   const doc = parseYaml(fs.readFileSync(file, "utf8")) ?? {};
   return toRuntimeConfig((doc.config ?? {}) as StackConfig);
 }
 
-export function listStacks(root = REPO_ROOT): string[] {
+export function listStacks(root: string = REPO_ROOT): string[] {
   return fs
     .readdirSync(root)
     .map((f) => /^Pulumi\.(.+)\.yaml$/.exec(f)?.[1])

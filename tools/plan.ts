@@ -64,15 +64,25 @@ export function countByType(resources: Registered[]): string {
     .join("\n");
 }
 
-async function main(): Promise<number> {
-  const args = process.argv.slice(2);
-  const i = args.indexOf("--stack");
-  const stack = i >= 0 ? args[i + 1] : (args.find((a) => a.startsWith("--stack="))?.split("=")[1] ?? "prod");
-  if (!stack) {
-    console.error(`usage: npm run plan -- --stack NAME   (stacks: ${listStacks().join(", ")})`);
+/** The value of `--name VALUE` or `--name=VALUE`. */
+function option(args: string[], name: string): string | undefined {
+  const i = args.indexOf(name);
+  if (i >= 0) return args[i + 1];
+  return args.find((a) => a.startsWith(`${name}=`))?.slice(name.length + 1);
+}
+
+/**
+ * `plan [--stack NAME] [--root DIR]`: prints the plan of `DIR/Pulumi.NAME.yaml` (default: prod, this repository)
+ * and returns the exit code: 0 planned, 1 bad config, 2 usage.
+ */
+export async function main(args: string[]): Promise<number> {
+  const stack = option(args, "--stack") ?? "prod";
+  const root = option(args, "--root");
+  if (!/^[A-Za-z0-9._-]+$/.test(stack)) {
+    console.error(`usage: npm run plan -- --stack NAME   (stacks: ${listStacks(root).join(", ")})`);
     return 2;
   }
-  const { config, secretKeys } = readStackFile(stack);
+  const { config, secretKeys } = readStackFile(stack, root);
   for (const key of SECRET_KEYS) {
     const full = `${CONFIG_NAMESPACE}:${key}`;
     if (!(full in config)) {
@@ -101,7 +111,7 @@ async function main(): Promise<number> {
 if (require.main === module) {
   // a program that never settles must not look like success
   process.exitCode = 1;
-  main().then(
+  main(process.argv.slice(2)).then(
     (code) => process.exit(code),
     (e) => {
       console.error(e);

@@ -9,11 +9,12 @@ import { parseResults, readHostScript, renderBundle, STEPS_DIR, teardownCommand 
 
 const STEP = `test-bundle-${process.pid}`;
 const DIR = `${STEPS_DIR}/${STEP}`;
+const MARKER = `/tmp/${STEP}.destroyed`;
 
 const SCRIPT = `#!/usr/bin/env bash
 source "\${BASH_SOURCE[0]%/*}/lib.sh"
 action=$(ts_action "$@")
-if [[ $action == destroy ]]; then echo destroyed >"$TS_STEP_DIR/destroyed"; finish; exit 0; fi
+if [[ $action == destroy ]]; then echo destroyed >"$TS_MARKER"; finish; exit 0; fi
 # stdin must be /dev/null: a script reading stdin must never eat the rest of the bundle
 if read -r -t 1 line; then echo "stdin had: $line" >&2; exit 9; fi
 result quoted "$TS_QUOTED"
@@ -36,6 +37,7 @@ function runBundle(bundle: string) {
 
 afterAll(() => {
   fs.rmSync(DIR, { recursive: true, force: true });
+  fs.rmSync(MARKER, { force: true });
   fs.rmSync(`/var/log/train-server/${STEP}.log`, { force: true });
 });
 
@@ -47,7 +49,7 @@ describe("host step bundle", () => {
     step: STEP,
     script: SCRIPT,
     lib: readHostScript("lib"),
-    env: { TS_QUOTED: quoted, TS_MULTI: "a\nb\nc" },
+    env: { TS_QUOTED: quoted, TS_MULTI: "a\nb\nc", TS_MARKER: MARKER },
     files: { "plain.conf": plain, "no-newline.bin": noNewline },
   });
 
@@ -81,6 +83,14 @@ describe("host step bundle", () => {
     expect(parseResults(r.stdout).files).toBe("plain.conf ");
   });
 
+  test("a refused destroy fails the teardown and keeps the step's copy", () => {
+    const refusing = renderBundle({ step: STEP, script: `source "\${BASH_SOURCE[0]%/*}/lib.sh"\n[[ $1 == destroy ]] && refuse "data is kept"\nfinish\n`, lib: readHostScript("lib"), env: {}, files: {} });
+    expect(runBundle(refusing).status).toBe(0);
+    const r = spawnSync("bash", ["-c", teardownCommand(STEP, "")], { encoding: "utf8" });
+    expect(r.status).toBe(3);
+    expect(fs.existsSync(`${DIR}/script.sh`)).toBe(true);
+  });
+
   test("a failing script fails the command with its exit code", () => {
     const failing = renderBundle({ step: STEP, script: `source "\${BASH_SOURCE[0]%/*}/lib.sh"\nrefuse "no way"\n`, lib: readHostScript("lib"), env: {}, files: {} });
     const r = runBundle(failing);
@@ -89,12 +99,12 @@ describe("host step bundle", () => {
     expect(r.stdout).not.toContain("this line after the bundle must still run");
   });
 
-  test("teardown runs the installed copy's destroy; with nothing installed it is a no-op", () => {
+  test("teardown runs the installed copy's destroy, then removes the copy (env, files: maybe secrets); then it is a no-op", () => {
     runBundle(bundle);
     const r = spawnSync("bash", ["-c", teardownCommand(STEP, "")], { encoding: "utf8" });
     expect(r.status).toBe(0);
-    expect(fs.readFileSync(`${DIR}/destroyed`, "utf8")).toBe("destroyed\n");
-    fs.rmSync(DIR, { recursive: true, force: true });
+    expect(fs.readFileSync(MARKER, "utf8")).toBe("destroyed\n");
+    expect(fs.existsSync(DIR)).toBe(false);
     const none = spawnSync("bash", ["-c", teardownCommand(STEP, "")], { encoding: "utf8" });
     expect(none.status).toBe(0);
     expect(none.stdout).toContain("nothing installed");

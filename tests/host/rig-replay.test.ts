@@ -4,6 +4,7 @@
  * (tests/helpers/replay.ts): up, a second up, the prod protections, destroy. Asserts what an admin would check
  * on the server after each. Docker/Cloudflare/random resources cannot run here and are listed as skipped.
  */
+import * as fs from "fs";
 import { Scratch } from "../helpers/host";
 import { clone, stackRaw, TEST_SECRETS } from "../helpers/program";
 import { CommandRun, Plan, planOf, Replayer } from "../helpers/replay";
@@ -67,6 +68,10 @@ describe("RIG REPLAY: the rig stack's remote commands against a booted systemd c
   afterAll(() => {
     replayer.cleanup();
     scratch.cleanup();
+    // `npm run bench` runs this suite and reads its measurements from here
+    if (process.env.BENCH_RIG_OUT) {
+      fs.writeFileSync(process.env.BENCH_RIG_OUT, JSON.stringify({ totalMs: Date.now() - t0, timing, firstRun: Object.fromEntries(firstRun), secondRun: Object.fromEntries(secondRun) }));
+    }
     const rows = [...firstRun.keys()].map((k) => `  ${k.padEnd(28)} ${String(firstRun.get(k)).padStart(7)} ms ${String(secondRun.get(k) ?? "-").padStart(7)} ms`);
     console.log(
       [
@@ -83,9 +88,10 @@ describe("RIG REPLAY: the rig stack's remote commands against a booted systemd c
     const idx = (n: string) => order.indexOf(n);
     expect(order).toEqual(expect.arrayContaining(["server-storage-apply", "server-users-apply", "server-baseline-apply", "server-ops-apply", "server-services-data-dirs-apply"]));
     expect(idx("server-storage-teardown")).toBeLessThan(idx("server-storage-apply"));
-    expect(idx("server-storage-apply")).toBeLessThan(idx("server-users-apply"));
+    // the Drive is mounted (ops) before the accounts are made, so each user's tensorboard dir lands on the Drive
+    expect(idx("server-storage-apply")).toBeLessThan(idx("server-ops-apply"));
+    expect(idx("server-ops-apply")).toBeLessThan(idx("server-users-apply"));
     expect(idx("server-users-apply")).toBeLessThan(idx("server-baseline-apply"));
-    expect(idx("server-users-apply")).toBeLessThan(idx("server-ops-apply"));
     expect(idx("server-baseline-apply")).toBeLessThan(idx("server-services-data-dirs-apply"));
     // a rig: nothing protected, nothing retained
     expect(plan.commands.filter((c) => c.protect || c.retainOnDelete)).toEqual([]);
@@ -170,6 +176,8 @@ describe("RIG REPLAY: the rig stack's remote commands against a booted systemd c
     expect(sudo(`cat ${TEXTFILES}/train_server_verify-restore.prom`)).toContain("train_server_verify_mismatches{} 0");
     expect(sudo("ls /srv/rig-drive/train-server/restic")).toContain("config");
     expect(sudo("cat /srv/rig-drive/gcs-mirror/train.csv")).toBe("dataset\n");
+    // users.sh ran after the Drive was mounted: the TensorBoard log dirs are on the Drive itself
+    expect(sudo("ls /srv/rig-drive/tensorboard").split("\n").filter(Boolean).sort()).toEqual(["alice", "bob"]);
     expect(sudo(`ls ${MP}/.snapshots/homes`)).toMatch(/^alice\.\d{8}T\d{4}/m);
   });
 
@@ -214,7 +222,8 @@ describe("RIG REPLAY: the rig stack's remote commands against a booted systemd c
 
   test("destroy: teardowns in reverse order leave the rig bare", () => {
     const runs = phase("destroy", () => replayer.destroy(plan));
-    expect(names(runs)).toEqual(["server-ops-teardown", "server-baseline-teardown", "server-users-teardown", "server-storage-teardown"]);
+    // the reverse of up's storage → ops → users → baseline → services' data dirs
+    expect(names(runs)).toEqual(["server-services-data-dirs-teardown", "server-baseline-teardown", "server-users-teardown", "server-ops-teardown", "server-storage-teardown"]);
     for (const r of runs) expect({ name: r.name, status: r.status }).toEqual({ name: r.name, status: 0 });
     expect(rig.ssh(`mountpoint -q ${MP}`).status).not.toBe(0);
     for (const d of rig.devices) expect(rig.ssh(`sudo -n blkid -p ${d}`).status).toBe(2);
@@ -225,6 +234,8 @@ describe("RIG REPLAY: the rig stack's remote commands against a booted systemd c
     expect(sudo("ls /etc/systemd/system")).not.toMatch(/^ts-/m);
     expect(sudo("ls /etc/ssh/sshd_config.d /etc/docker")).not.toMatch(/10-train-server|daemon\.json/);
     expect(ssh("systemctl is-active docker ssh").trim()).toBe("active\nactive");
+    // the steps' copies (env and files may hold secrets) are gone with them
+    expect(sudo("ls -A /var/lib/train-server/steps 2>/dev/null || true").trim()).toBe("");
     // what stays: the installed step copies (root-only) — harmless to a rebuild
     expect(sudo(`stat -c '%a %U' /var/lib/train-server/steps`).trim()).toBe("700 root");
     // the admin can still log in

@@ -45,11 +45,20 @@ describe("graph of the prod stack", () => {
     }
   });
 
-  test("users run after storage (the array must be mounted before homes are made on it)", () => {
-    const storage = step(res, "server-storage-apply");
+  test("host steps run storage → ops (Drive mount) → users → baseline → services, never the other way", () => {
+    const order = ["server-storage-apply", "server-ops-apply", "server-users-apply", "server-baseline-apply", "server-services-data-dirs-apply"].map((n) => step(res, n));
+    for (let i = 1; i < order.length; i++) {
+      expect({ step: order[i].name, after: order[i - 1].name, ok: dependsOn(res, order[i].urn, order[i - 1].urn) }).toEqual({ step: order[i].name, after: order[i - 1].name, ok: true });
+      expect(dependsOn(res, order[i - 1].urn, order[i].urn)).toBe(false);
+    }
+  });
+
+  test("workspaces wait for the accounts, and every container for the baseline (Docker) through the provider", () => {
     const users = step(res, "server-users-apply");
-    expect(dependsOn(res, users.urn, storage.urn)).toBe(true);
-    expect(dependsOn(res, storage.urn, users.urn)).toBe(false);
+    const ws = res.find((r) => r.type === "docker:index/container:Container" && r.name === "server-ws-alice-container")!;
+    expect(dependsOn(res, ws.urn, users.urn)).toBe(true);
+    const provider = res.find((r) => r.type === "pulumi:providers:docker")!;
+    expect(dependsOn(res, provider.urn, step(res, "server-baseline-apply").urn)).toBe(true);
   });
 
   test("every remote command uses the same connection, whose private key is a secret", () => {
