@@ -48,8 +48,8 @@ export interface ExecResult {
 export class NspawnContainer {
   /** The container's root as seen from the host (the overlay's merged dir). */
   readonly root: string;
-  private nspawnPid = 0;
-  private leader = 0;
+  nspawnPid = 0;
+  leader = 0;
 
   private constructor(root: string) {
     this.root = root;
@@ -63,38 +63,15 @@ export class NspawnContainer {
     sh("mount", ["-t", "overlay", "overlay", "-o", `lowerdir=${rootfs},upperdir=${upper},workdir=${work}`, merged]);
     scratch.mountedAt(merged);
     const c = new NspawnContainer(merged);
-    const log = fs.openSync(path.join(base, "console.log"), "w");
     const args = ["-q", "-b", "-D", merged, "--register=no", "--keep-unit", "--private-network", `-M`, `ts${process.pid}`];
     for (const b of binds) args.push(`--bind=${b}`);
-    // detached, own process group: stopped by pid in cleanup
-    const child = spawn("systemd-nspawn", args, { stdio: ["ignore", log, log], detached: true });
-    fs.closeSync(log);
-    c.nspawnPid = child.pid ?? 0;
-    child.unref();
-    scratch.onCleanup(() => c.stop());
-    const deadline = Date.now() + 30_000;
-    while (Date.now() < deadline) {
-      const kids = spawnSync("pgrep", ["-P", String(c.nspawnPid)], { encoding: "utf8" }).stdout.trim().split("\n").filter(Boolean);
-      if (kids.length === 1) {
-        c.leader = Number(kids[0]);
-        const s = c.exec(["systemctl", "is-system-running", "--wait"]).stdout.trim();
-        if (s === "running" || s === "degraded") return c;
-      }
-      spawnSync("sleep", ["0.2"]);
-    }
-    throw new Error(`container did not boot: ${fs.readFileSync(path.join(base, "console.log"), "utf8").slice(-2000)}`);
+    bootNspawn(scratch, c, args, path.join(base, "console.log"), 30_000);
+    return c;
   }
 
   /** Run a command inside the container (all its namespaces), with a clean environment plus `env`. */
   exec(cmd: string[], env: Record<string, string> = {}, input?: string): ExecResult {
-    const envArgs = Object.entries({ PATH: "/usr/sbin:/usr/bin:/sbin:/bin", LANG: "C.UTF-8", ...env }).map(([k, v]) => `${k}=${v}`);
-    const r = spawnSync("nsenter", ["-t", String(this.leader), "-a", "env", "-i", ...envArgs, ...cmd], {
-      encoding: "utf8",
-      input,
-      maxBuffer: 64 * 1024 * 1024,
-      timeout: 600_000,
-    });
-    return { status: r.status ?? -1, stdout: r.stdout ?? "", stderr: (r.stderr ?? "") + (r.error ? String(r.error) : "") };
+    return nsExec(this.leader, cmd, env, input);
   }
 
   /** exec, throwing on a non-zero exit; returns stdout. */
@@ -124,18 +101,68 @@ export class NspawnContainer {
    */
   stop(): void {
     if (!this.nspawnPid) return;
-    const pid = this.nspawnPid;
+    killNspawn(this.nspawnPid, this.leader);
     this.nspawnPid = 0;
-    // a zombie counts as gone (node reaps its children only when the event loop runs)
-    const alive = (p: number): boolean => {
-      try {
-        return !/^\d+ \(.*\) Z/.test(fs.readFileSync(`/proc/${p}/stat`, "utf8"));
-      } catch {
-        return false;
-      }
-    };
-    if (this.leader && alive(this.leader)) process.kill(this.leader, "SIGKILL");
-    for (let i = 0; i < 50 && alive(pid); i++) spawnSync("sleep", ["0.2"]);
-    if (alive(pid)) process.kill(pid, "SIGKILL");
   }
+}
+
+/** A booted container's handle: the nspawn process, its PID 1, and how to stop it. */
+export interface NspawnHandle {
+  nspawnPid: number;
+  leader: number;
+  stop(): void;
+}
+
+/**
+ * Start `systemd-nspawn <args>` detached (console to `logFile`), register its stop with `scratch`, and wait up to
+ * `timeoutMs` for systemd inside to be running (or degraded). Sets `handle.nspawnPid` and `handle.leader`.
+ */
+export function bootNspawn(scratch: Scratch, handle: NspawnHandle, args: string[], logFile: string, timeoutMs: number): void {
+  const log = fs.openSync(logFile, "w");
+  const child = spawn("systemd-nspawn", args, { stdio: ["ignore", log, log], detached: true });
+  fs.closeSync(log);
+  handle.nspawnPid = child.pid ?? 0;
+  child.unref();
+  scratch.onCleanup(() => handle.stop());
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    const kids = spawnSync("pgrep", ["-P", String(handle.nspawnPid)], { encoding: "utf8" }).stdout.trim().split("\n").filter(Boolean);
+    if (kids.length === 1) {
+      handle.leader = Number(kids[0]);
+      const s = nsExec(handle.leader, ["systemctl", "is-system-running", "--wait"]).stdout.trim();
+      if (s === "running" || s === "degraded") return;
+    }
+    spawnSync("sleep", ["0.2"]);
+  }
+  throw new Error(`container did not boot: ${fs.readFileSync(logFile, "utf8").slice(-3000)}`);
+}
+
+/** Run a command in every namespace of `leader` (a container's PID 1), with a clean environment plus `env`. */
+export function nsExec(leader: number, cmd: string[], env: Record<string, string> = {}, input?: string): ExecResult {
+  const envArgs = Object.entries({ PATH: "/usr/sbin:/usr/bin:/sbin:/bin", LANG: "C.UTF-8", ...env }).map(([k, v]) => `${k}=${v}`);
+  const r = spawnSync("nsenter", ["-t", String(leader), "-a", "env", "-i", ...envArgs, ...cmd], {
+    encoding: "utf8",
+    input,
+    maxBuffer: 64 * 1024 * 1024,
+    timeout: 600_000,
+  });
+  return { status: r.status ?? -1, stdout: r.stdout ?? "", stderr: (r.stderr ?? "") + (r.error ? String(r.error) : "") };
+}
+
+/**
+ * Kill a booted nspawn container: SIGKILL to its PID 1 (`leader`) ends every process of its PID namespace at
+ * once, then wait for the nspawn process (`pid`) to exit, killing it too after 10 s.
+ */
+export function killNspawn(pid: number, leader: number): void {
+  // a zombie counts as gone (node reaps its children only when the event loop runs)
+  const alive = (p: number): boolean => {
+    try {
+      return !/^\d+ \(.*\) Z/.test(fs.readFileSync(`/proc/${p}/stat`, "utf8"));
+    } catch {
+      return false;
+    }
+  };
+  if (leader && alive(leader)) process.kill(leader, "SIGKILL");
+  for (let i = 0; i < 50 && alive(pid); i++) spawnSync("sleep", ["0.2"]);
+  if (alive(pid)) process.kill(pid, "SIGKILL");
 }

@@ -11,11 +11,11 @@
  * Everything is released through the Scratch given to `start`: container killed by pid, overlay unmounted, netns
  * and veth deleted, loop devices forgotten by btrfs and detached, key files removed with the scratch dir.
  */
-import { spawn, spawnSync } from "child_process";
+import { spawnSync } from "child_process";
 import * as fs from "fs";
 import * as path from "path";
 import { Scratch, sh } from "./host";
-import { ensureRootfs, ExecResult } from "./nspawn";
+import { bootNspawn, ensureRootfs, ExecResult, killNspawn, nsExec } from "./nspawn";
 
 /** Packages of the rig's rootfs: systemd, sshd, sudo, and what baseline.sh, ops-install.sh and storage.sh use. */
 export const RIG_PACKAGES = [
@@ -51,8 +51,8 @@ export class Rig {
   readonly sshUser = "ops";
   /** The container's root as seen from the host. */
   readonly root: string;
-  private nspawnPid = 0;
-  private leader = 0;
+  nspawnPid = 0;
+  leader = 0;
   private readonly keyFile: string;
 
   private constructor(f: { address: string; lanCidr: string; devices: string[]; privateKey: string; publicKey: string; root: string; keyFile: string }) {
@@ -119,45 +119,24 @@ export class Rig {
     fs.writeFileSync(path.join(merged, "etc/hosts"), "127.0.0.1 localhost\n127.0.1.1 train-rig\n");
 
     const rig = new Rig({ address: `${net}.2`, lanCidr: `${net}.0/24`, devices, privateKey: fs.readFileSync(keyFile, "utf8"), publicKey, root: merged, keyFile });
-    const log = fs.openSync(path.join(base, "console.log"), "w");
     const args = ["-q", "-b", "-D", merged, "--register=no", "--keep-unit", "-M", `tsrig${id}`, `--network-namespace-path=/run/netns/${ns}`, "--private-network"];
     for (const d of [...devices, "/dev/btrfs-control", "/dev/fuse"]) args.push(`--bind=${d}`);
     // with a private network nspawn mounts only parts of sysfs; storage.sh and the usage collector read
     // /sys/fs/btrfs (which devices a mounted array holds, missing devices), as on any host
     args.push("--bind-ro=/sys/fs/btrfs");
-    const child = spawn("systemd-nspawn", args, { stdio: ["ignore", log, log], detached: true });
-    fs.closeSync(log);
-    rig.nspawnPid = child.pid ?? 0;
-    child.unref();
-    scratch.onCleanup(() => rig.stop());
-
+    bootNspawn(scratch, rig, args, path.join(base, "console.log"), 60_000);
+    // systemd is up; wait for sshd to answer
     const deadline = Date.now() + 60_000;
-    let booted = false;
-    while (Date.now() < deadline && !booted) {
-      const kids = spawnSync("pgrep", ["-P", String(rig.nspawnPid)], { encoding: "utf8" }).stdout.trim().split("\n").filter(Boolean);
-      if (kids.length === 1) {
-        rig.leader = Number(kids[0]);
-        const s = rig.exec(["systemctl", "is-system-running", "--wait"]).stdout.trim();
-        booted = s === "running" || s === "degraded";
-      }
-      if (!booted) spawnSync("sleep", ["0.2"]);
-    }
-    while (booted && Date.now() < deadline) {
+    while (Date.now() < deadline) {
       if (rig.ssh("true").status === 0) return rig;
       spawnSync("sleep", ["0.2"]);
     }
-    throw new Error(`the rig did not come up (booted=${booted}): ${fs.readFileSync(path.join(base, "console.log"), "utf8").slice(-3000)}`);
+    throw new Error(`the rig booted but sshd did not answer: ${fs.readFileSync(path.join(base, "console.log"), "utf8").slice(-3000)}`);
   }
 
   /** Run a command inside the rig directly (nsenter into PID 1's namespaces): for looking, not for the program. */
   exec(cmd: string[], input?: string): ExecResult {
-    const r = spawnSync("nsenter", ["-t", String(this.leader), "-a", "env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8", ...cmd], {
-      encoding: "utf8",
-      input,
-      maxBuffer: 64 * 1024 * 1024,
-      timeout: 600_000,
-    });
-    return { status: r.status ?? -1, stdout: r.stdout ?? "", stderr: (r.stderr ?? "") + (r.error ? String(r.error) : "") };
+    return nsExec(this.leader, cmd, {}, input);
   }
 
   /** exec a bash line, throwing on a non-zero exit; returns stdout. */
@@ -175,18 +154,8 @@ export class Rig {
   /** Kill the container (SIGKILL to its PID 1 ends the whole PID namespace), then make sure nspawn is gone. */
   stop(): void {
     if (!this.nspawnPid) return;
-    const pid = this.nspawnPid;
+    killNspawn(this.nspawnPid, this.leader);
     this.nspawnPid = 0;
-    const alive = (p: number): boolean => {
-      try {
-        return !/^\d+ \(.*\) Z/.test(fs.readFileSync(`/proc/${p}/stat`, "utf8"));
-      } catch {
-        return false;
-      }
-    };
-    if (this.leader && alive(this.leader)) process.kill(this.leader, "SIGKILL");
-    for (let i = 0; i < 50 && alive(pid); i++) spawnSync("sleep", ["0.2"]);
-    if (alive(pid)) process.kill(pid, "SIGKILL");
   }
 }
 
