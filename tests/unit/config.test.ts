@@ -33,7 +33,7 @@ const BAD: Case[] = [
   ["garbage ssh key", (c) => (c.users[0].sshKeys = ["not a key"]), "users[0].sshKeys[0]", /OpenSSH public key/],
   ["short RSA key", (c) => (c.users[0].sshKeys = ["ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAAgQC7 x@y"]), "users[0].sshKeys[0]", /shorter than 2048/],
   ["uid whose ssh port hits another user's desktop port", (c) => (c.users[4].uid = 1000 + (4000 - 2222)), "users[4].uid", /port 4000, already used by users\[0\] desktop/],
-  ["uid whose SSH port is another user's desktop port", (c) => (c.users[4].uid = 1002 + 1778), "users[4].uid", /SSH port 4002, already used by users\[2\] desktop/],
+  ["host SSH port equal to a user's desktop port", (c) => (c.host.sshPort = 4001), "users[1].uid", /desktop port 4001, already used by host\.sshPort/],
   ["unknown key in a user (typo)", (c) => (c.users[0].memoryLimitGB = 10), "users[0]", /unknown key "memoryLimitGB"/],
   ["unknown top-level key", (c) => (c.storrage = {}), "", /unknown key "storrage"/],
   ["guarantee greater than limit", (c) => Object.assign(c.users[1], { memoryGuaranteeGb: 64, memoryLimitGb: 48 }), "users[1].memoryGuaranteeGb", /exceeds the limit/],
