@@ -51,8 +51,9 @@ export class WorkspaceImage extends pulumi.ComponentResource {
         skipPush: true,
         buildOnPreview: false,
         build: {
-          context: WORKSPACE_IMAGE_DIR,
-          dockerfile: path.join(WORKSPACE_IMAGE_DIR, "Dockerfile"),
+          // relative to the project directory (pulumi's working directory): an absolute path would differ
+          // between the admin's checkout and CI's and show every preview as a rebuild; Dockerfile is the default
+          context: path.relative(process.cwd(), WORKSPACE_IMAGE_DIR) || ".",
           platform: "linux/amd64",
           args: { BASE_IMAGE: args.config.workspace.baseImage },
         },

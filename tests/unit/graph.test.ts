@@ -82,6 +82,14 @@ describe("graph of the prod stack", () => {
     }
   });
 
+  test("no input holds the checkout's absolute path (it would differ between machines and show a perpetual diff)", () => {
+    const repo = require("path").resolve(__dirname, "..", "..");
+    for (const r of res) expect({ resource: r.name, leaks: JSON.stringify(r.inputs).includes(repo) }).toEqual({ resource: r.name, leaks: false });
+    const image = res.find((r) => r.type === "docker:index/image:Image")!;
+    expect(image.inputs.build.context).toBe("images/workspace");
+    expect(image.inputs.imageName).toMatch(/^train-server\/workspace:[0-9a-f]{16}$/);
+  });
+
   test("apply commands re-run on their bundle hash and ship the script on stdin", () => {
     for (const name of ["server-storage-apply", "server-users-apply"]) {
       const c = step(res, name);
