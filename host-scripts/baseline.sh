@@ -257,7 +257,7 @@ check() {
 }
 
 destroy() {
-  [[ ${TS_ALLOW_WIPE:-0} == 1 ]] || refuse "the baseline keeps the host reachable and safe; it is only removed on a test rig (TS_ALLOW_WIPE=1)"
+  [[ ${TS_ALLOW_WIPE:-0} == 1 ]] || refuse "the baseline keeps the host reachable and safe; it is only removed on a test-rig stack (rig: true)"
   local f
   for f in "$SSHD_DROPIN" "$F2B_JAIL" "$DOCKER_DROPIN" "$DAEMON_JSON"; do
     if [[ -f $f ]]; then rm -f "$f"; changed "removed $f"; fi

@@ -279,7 +279,7 @@ decide_fs() {
       WIPE_DEVS=("${foreign[@]}")
     else
       for dev in "${foreign[@]}"; do
-        PROBLEMS+=("$dev: ${DESC[$dev]} found, not ours: refusing to overwrite it (check it, then wipe it by hand with 'wipefs -a $dev' or remove it from storage.devices; test rigs may set storage.allowWipe)")
+        PROBLEMS+=("$dev: ${DESC[$dev]} found, not ours: refusing to overwrite it (check it, then wipe it by hand with 'wipefs -a $dev' or remove it from storage.devices; a test rig (stack config rig: true) may wipe it)")
       done
       return 0
     fi
@@ -455,7 +455,7 @@ require_bcache() {
   if [[ $ACTION == apply ]]; then modprobe bcache 2>/dev/null || true; fi
   [[ -e /sys/fs/bcache/register ]] && return 0
   [[ $ACTION == check ]] && modprobe -n bcache 2>/dev/null && { log "would: load the bcache kernel module"; return 0; }
-  die "bcache is not available on this kernel (/sys/fs/bcache missing, modprobe bcache failed): install the kernel's modules package or set storage.cacheMode: none"
+  die "bcache is not available on this kernel (/sys/fs/bcache missing, modprobe bcache failed): install the kernel's modules package or remove storage.cache from the stack config"
 }
 
 # decide_bcache: BCACHE_STATE=create|adopt from the survey of the cache device and the HDDs.
@@ -490,7 +490,7 @@ decide_bcache() {
   fi
   if ((${#foreign[@]})) && [[ $TS_ALLOW_WIPE != 1 ]]; then
     for dev in "${foreign[@]}"; do
-      PROBLEMS+=("$dev: ${DESC[$dev]} found, not ours: refusing to overwrite it (check it, then wipe it by hand with 'wipefs -a $dev' or remove it from the config; test rigs may set storage.allowWipe)")
+      PROBLEMS+=("$dev: ${DESC[$dev]} found, not ours: refusing to overwrite it (check it, then wipe it by hand with 'wipefs -a $dev' or remove it from the config; a test rig (stack config rig: true) may wipe it)")
     done
     return 0
   fi
@@ -622,7 +622,7 @@ destroy() {
   local dev fsids=() f src tmp b cset="" ours_hdds=()
   validate_inputs
   if [[ $TS_ALLOW_WIPE != 1 ]]; then
-    refuse "storage is kept: the array '$LABEL' mounted at $MP and the data on devices ${HDDS[*]}${CACHE_DEV:+ (cache $CACHE_DEV)} are untouched. Wiping needs storage.allowWipe: true (test rigs only); to retire the array by hand: umount $MP, remove its $FSTAB line, wipefs -a the devices"
+    refuse "storage is kept: the array '$LABEL' mounted at $MP and the data on devices ${HDDS[*]}${CACHE_DEV:+ (cache $CACHE_DEV)} are untouched. Wiping needs a test-rig stack (rig: true); to retire the array by hand: umount $MP, remove its $FSTAB line, wipefs -a the devices"
   fi
   FS_DEVS=()
   for dev in "${HDDS[@]}" ${CACHE_DEV:+"$CACHE_DEV"}; do

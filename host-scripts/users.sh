@@ -288,7 +288,7 @@ case $ACTION in
     ;;
   destroy)
     [[ ${TS_ALLOW_WIPE:-0} == 1 ]] \
-      || refuse "users are never deleted by train-server (their homes hold their work); remove a user from the config to archive it, or set TS_ALLOW_WIPE=1 on a test rig"
+      || refuse "users are never deleted by train-server (their homes hold their work); remove a user from the config to archive it, or use a test-rig stack (rig: true)"
     for name in "${!ST_UID[@]}"; do
       if getent passwd "$name" >/dev/null; then userdel "$name"; changed "deleted account $name (home kept on the array)"; fi
       if getent group "$name" >/dev/null; then groupdel "$name"; changed "deleted group $name"; fi

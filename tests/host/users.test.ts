@@ -185,7 +185,7 @@ describe("users.sh", () => {
     const sums = checksumTree(path.join(mp, "homes"));
     const refused = runScript("users", "destroy", env([]));
     expect(refused.status).toBe(3);
-    expect(refused.stderr).toMatch(/never deleted.*TS_ALLOW_WIPE=1/);
+    expect(refused.stderr).toMatch(/never deleted.*test-rig stack \(rig: true\)/);
     expect(bash(`getent passwd ${A.name}`).status).toBe(0);
 
     const r = runScript("users", "destroy", { ...env([]), TS_ALLOW_WIPE: "1" });
