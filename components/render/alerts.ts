@@ -113,6 +113,14 @@ export function alertRules(p: AlertParams): AlertRule[] {
       annotations: { summary: "Last successful restic backup is {{ $value | humanizeDuration }} old", description: `No successful backup in ${p.backupMaxAgeHours} hours: \`journalctl -u ts-backup\`.` },
     },
     {
+      // a server that never backed up has no timestamp at all: BackupTooOld alone would stay silent forever
+      alert: "BackupNeverSucceeded",
+      expr: `absent(train_server_task_last_success_timestamp_seconds{${task("backup")}})`,
+      for: `${num("backupMaxAgeHours", p.backupMaxAgeHours)}h`,
+      labels: { severity: "critical", family: "backup" },
+      annotations: { summary: "No restic backup has ever succeeded", description: `No successful backup recorded for ${p.backupMaxAgeHours} hours since the metrics began: \`journalctl -u ts-backup\`, \`systemctl list-timers ts-backup.timer\`.` },
+    },
+    {
       alert: "BackupFailed",
       expr: `train_server_task_success{${task("backup")}} == 0`,
       labels: { severity: "critical", family: "backup" },
