@@ -182,6 +182,11 @@ docker_baseline() {
   if ! systemctl is-enabled -q docker; then systemctl enable docker; changed "enabled docker"; fi
   tmp=$(docker info --format '{{.Driver}} {{.DockerRootDir}}')
   [[ $tmp == "btrfs $root" ]] || die "docker runs with '$tmp', expected 'btrfs $root'"
+  # the program's Docker provider (ssh://admin@host) talks to the daemon's socket as the admin
+  if ! id -nG "$TS_SSH_ADMIN_USER" | tr ' ' '\n' | grep -qx docker; then
+    usermod -aG docker "$TS_SSH_ADMIN_USER"
+    changed "added $TS_SSH_ADMIN_USER to the docker group (the Docker provider connects as it)"
+  fi
 }
 
 # the DOCKER-USER block in after.rules, or nothing

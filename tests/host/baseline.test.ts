@@ -132,6 +132,8 @@ describe("baseline.sh in a booted systemd container", () => {
     for (const want of ["passwordauthentication no", "permitrootlogin no", "authenticationmethods publickey", "port 22"]) expect(sshd).toContain(want);
     expect(c.run(["fail2ban-client", "status", "sshd"])).toMatch(/Journal matches:\s+_SYSTEMD_UNIT=sshd.service/);
     expect(c.run(["docker", "info", "--format", "{{.Driver}} {{.DockerRootDir}} {{.LoggingDriver}}"]).trim()).toBe(`btrfs ${MP}/docker-data json-file`);
+    // the Docker provider connects over ssh as the admin: the admin reaches the daemon without sudo
+    expect(c.run(["id", "-nG", params.adminUser]).trim().split(" ")).toContain("docker");
     expect(c.run(["btrfs", "subvolume", "show", `${MP}/docker-data`])).toContain("Subvolume ID");
 
     const ufw = c.run(["ufw", "status", "verbose"]);

@@ -153,6 +153,8 @@ describe("RIG REPLAY: the rig stack's remote commands against a booted systemd c
     // docker: btrfs driver, data root on the array; fail2ban running its sshd jail
     expect(sudo("docker info --format '{{.Driver}} {{.DockerRootDir}}'").trim()).toBe(`btrfs ${MP}/docker-data`);
     for (const svc of ["ssh", "docker", "fail2ban", "ufw"]) expect(ssh(`systemctl is-active ${svc}`).trim()).toBe("active");
+    // the Docker provider (ssh://ops@host) works as the admin, without sudo
+    expect(ssh("docker info --format '{{.Driver}}'").trim()).toBe("btrfs");
     // shared caches and the services' data directories
     expect(sudo(`stat -c '%a %U:%G' ${MP}/cache/pip`).trim()).toBe("2775 root:mlusers");
     expect(sudo(`stat -c '%a %u:%g' ${MP}/docker-volumes/grafana ${MP}/docker-volumes/prometheus`)).toBe("750 472:0\n750 65534:65534\n");
