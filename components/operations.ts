@@ -12,7 +12,13 @@ import * as random from "@pulumi/random";
 import { SHARED_GID } from "./baseline";
 import type { Profile, ServerConfig, ServerSecrets } from "./config";
 import { Host, HostScript } from "./host";
-import { driveCacheSizeGb, loadOpsScripts, opsEnabledUnits, opsFilesDir, OpsParams, renderOperations } from "./render/ops";
+import { driveCacheSizeGb, HOST_ALERTMANAGER_DIR, HOST_RULES_DIR, loadOpsScripts, opsEnabledUnits, opsFilesDir, OpsParams, renderOperations } from "./render/ops";
+
+/** Containers (components/services.ts) that reload on SIGHUP when their files under these host dirs change. */
+export const RELOAD_ON_CHANGE: Array<{ prefix: string; container: string }> = [
+  { prefix: `${HOST_RULES_DIR}/`, container: "prometheus" },
+  { prefix: `${HOST_ALERTMANAGER_DIR}/`, container: "alertmanager" },
+];
 
 export const TEXTFILE_DIR = "/var/lib/prometheus/node-exporter";
 
@@ -140,7 +146,8 @@ export class Operations extends pulumi.ComponentResource {
       );
     const files = Object.fromEntries(Object.keys(layout).map((k) => [k, pulumi.secret(rendered.apply((r) => r[k]))]));
 
-    const step = new HostScript(name, { host: args.host, script: "ops-install", env: {}, files, teardown: true, after: args.after ?? [] }, { parent: this });
+    const env = { TS_RELOAD: RELOAD_ON_CHANGE.map((r) => `${r.prefix} ${r.container}`).join("\n") };
+    const step = new HostScript(name, { host: args.host, script: "ops-install", env, files, teardown: true, after: args.after ?? [] }, { parent: this });
     this.ready = step.apply;
     this.registerOutputs({ driveCacheSizeGb: this.driveCacheSizeGb });
   }

@@ -5,12 +5,15 @@
 #   and `units` (one unit per line to enable), both rendered by opsFilesDir() in components/render/ops.ts;
 #   TS_ROOT (optional, default /): install into this root instead (an image, a test); units are then only
 #   enabled (symlinks), not started; TS_OPS_PACKAGES (optional): Debian packages to install when missing
-#   (only when TS_ROOT is /), default "btrbk restic rclone fuse3 jq smartmontools prometheus-node-exporter-collectors".
+#   (only when TS_ROOT is /), default "btrbk restic rclone fuse3 jq smartmontools prometheus-node-exporter-collectors";
+#   TS_RELOAD (optional): lines `<path prefix> <container>`: when apply changed a file under the prefix and the
+#   container runs, it gets SIGHUP (Prometheus reloads its rules, Alertmanager its config, without a restart).
 # apply: writes what differs, enables what is not enabled; with a running systemd also daemon-reload, starts the
 #   timers and (re)starts the Drive mount when its unit or the rclone config changed.
 # check: reports drift (files differing, units not enabled) and changes nothing.
 # destroy: disables the units and removes the installed files; snapshots, the restic repository and the state
 #   directory are never touched.
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 source "${BASH_SOURCE[0]%/*}/lib.sh"
 action=$(ts_action "${1:-}")
 require_env TS_FILES_DIR
@@ -73,10 +76,11 @@ case $action in
         changed "installed ${missing[*]}"
       fi
     fi
-    units_changed=0 drive_changed=0
+    units_changed=0 drive_changed=0 changed_paths=()
     for i in "${!paths[@]}"; do
       differs "$i" || continue
       install_file "$TS_FILES_DIR/${names[$i]}" "$root${paths[$i]}" "${modes[$i]}" "${owners[$i]}"
+      changed_paths+=("${paths[$i]}")
       case ${paths[$i]} in
         /etc/systemd/system/*) units_changed=1 ;;
       esac
@@ -99,6 +103,15 @@ case $action in
       fi
     done
     ((live)) || log "no running systemd for this root: units enabled, not started"
+    # containers that read what changed reload it (on the first run Docker may not be installed yet: nothing runs)
+    while read -r prefix container; do
+      [[ -n $prefix && ${#changed_paths[@]} -gt 0 ]] || continue
+      printf '%s\n' "${changed_paths[@]}" | grep -q "^$prefix" || continue
+      command -v docker >/dev/null || continue
+      [[ $(docker inspect -f '{{.State.Running}}' "$container" 2>/dev/null) == true ]] || continue
+      docker kill --signal=HUP "$container" >/dev/null
+      changed "sent SIGHUP to $container (its configuration under $prefix changed)"
+    done <<<"${TS_RELOAD:-}"
     ;;
   destroy)
     for u in "${units[@]}"; do

@@ -285,6 +285,36 @@ describe("ops-install.sh", () => {
     expect(fs.existsSync(path.join(root, "etc/systemd/system/timers.target.wants"))).toBe(false); // systemctl disable removed the links (and the empty dir)
   });
 
+  it("signals a running container when its files changed (rules → Prometheus, alertmanager.yml → Alertmanager), and only then", () => {
+    const root = path.join(scratch.dir, "reload-root");
+    const bin = path.join(scratch.dir, "reload-bin");
+    const calls = path.join(scratch.dir, "docker-calls");
+    fs.mkdirSync(bin);
+    // a stand-in docker CLI: prometheus and alertmanager run; every call is recorded
+    fs.writeFileSync(
+      path.join(bin, "docker"),
+      `#!/bin/sh\necho "$*" >>${calls}\ncase "$1" in inspect) case "$4" in prometheus|alertmanager) echo true;; *) exit 1;; esac;; esac\n`,
+      { mode: 0o755 },
+    );
+    const write = (gpuTempC: number) => {
+      const dir = fs.mkdtempSync(path.join(scratch.dir, "reload-files-"));
+      const params = exampleOpsParams();
+      params.alerts = { ...params.alerts, gpuTempC };
+      for (const [name, content] of Object.entries(opsFilesDir(renderOperations(params, loadOpsScripts()), opsEnabledUnits(params)))) fs.writeFileSync(path.join(dir, name), content);
+      return dir;
+    };
+    const reload = "/etc/train-server/prometheus/rules/ prometheus\n/etc/train-server/alertmanager/ alertmanager\n/etc/nowhere/ other";
+    const run = (dir: string) => {
+      fs.rmSync(calls, { force: true });
+      const r = runScript("ops-install", "apply", { TS_FILES_DIR: dir, TS_ROOT: root, TS_RELOAD: reload, PATH: `${bin}:${process.env.PATH}` });
+      expect(r.status).toBe(0);
+      return fs.existsSync(calls) ? fs.readFileSync(calls, "utf8").split("\n").filter((l) => l.startsWith("kill")) : [];
+    };
+    expect(run(write(80)).sort()).toEqual(["kill --signal=HUP alertmanager", "kill --signal=HUP prometheus"]);
+    expect(run(write(80))).toEqual([]); // nothing changed: no signal
+    expect(run(write(85))).toEqual(["kill --signal=HUP prometheus"]); // only the rules changed
+  });
+
   it("refuses a manifest with a relative or .. path before writing anything", () => {
     const filesDir = path.join(scratch.dir, "badfiles");
     const root = path.join(scratch.dir, "badroot");

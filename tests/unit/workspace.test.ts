@@ -134,6 +134,14 @@ describe("shared services of the prod stack", () => {
     for (const n of routed) expect(names.has(n)).toBe(true);
   });
 
+  test("the containers that Operations signals on a config change exist under those names and mount those dirs", () => {
+    const { RELOAD_ON_CHANGE } = require("../../components/operations");
+    for (const { prefix, container } of RELOAD_ON_CHANGE) {
+      const c = byName(res, container);
+      expect(c.inputs.volumes.some((v: any) => `${v.hostPath}/` === prefix)).toBe(true);
+    }
+  });
+
   test("the Grafana admin password is a generated secret, given as a file", () => {
     const g = byName(res, "grafana");
     expect(g.secretInputs).toContain("uploads");
