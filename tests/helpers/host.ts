@@ -8,6 +8,7 @@ import * as crypto from "crypto";
 import * as fs from "fs";
 import * as os from "os";
 import * as path from "path";
+import { parseResults } from "../../components/host";
 
 export const REPO = path.resolve(__dirname, "..", "..");
 export const HOST_SCRIPTS = path.join(REPO, "host-scripts");
@@ -30,11 +31,7 @@ export function runScript(name: string, action: string, env: Record<string, stri
     timeout: timeoutMs,
     maxBuffer: 64 * 1024 * 1024,
   });
-  const results: Record<string, string> = {};
-  for (const line of (r.stdout ?? "").split("\n")) {
-    const m = /^([A-Za-z0-9_.-]+)=(.*)$/.exec(line);
-    if (m) results[m[1]] = m[2];
-  }
+  const results = parseResults(r.stdout);
   return {
     status: r.status ?? -1,
     stdout: r.stdout ?? "",

@@ -5,6 +5,7 @@
  * (--private-network). Commands run inside through nsenter into the container's PID 1.
  * Everything is released through the Scratch given to `start` (container stopped by pid, overlay unmounted).
  */
+import { parseResults } from "../../components/host";
 import { spawn, spawnSync } from "child_process";
 import * as fs from "fs";
 import * as path from "path";
@@ -87,11 +88,7 @@ export class NspawnContainer {
     fs.rmSync(dest, { recursive: true, force: true });
     fs.cpSync(HOST_SCRIPTS, dest, { recursive: true });
     const r = this.exec(["bash", `/root/host-scripts/${name}.sh`, action], env);
-    const results: Record<string, string> = {};
-    for (const line of r.stdout.split("\n")) {
-      const m = /^([A-Za-z0-9_.-]+)=(.*)$/.exec(line);
-      if (m) results[m[1]] = m[2];
-    }
+    const results = parseResults(r.stdout);
     return { ...r, results, changes: results.changes === undefined ? NaN : Number(results.changes) };
   }
 

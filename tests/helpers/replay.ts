@@ -9,6 +9,7 @@
  * The SSH target, user and key come from each command's own `connection` input. Resources of other providers
  * (Docker, Cloudflare, random) cannot run here; they are reported as skipped, never faked.
  */
+import { parseResults } from "../../components/host";
 import * as fs from "fs";
 import * as os from "os";
 import * as path from "path";
@@ -111,15 +112,6 @@ export interface CommandRun extends ExecResult {
   ms: number;
   /** `key=value` lines of stdout (host-script results). */
   results: Record<string, string>;
-}
-
-function parseResults(stdout: string): Record<string, string> {
-  const out: Record<string, string> = {};
-  for (const line of stdout.split("\n")) {
-    const m = /^([A-Za-z0-9_.-]+)=(.*)$/.exec(line);
-    if (m) out[m[1]] = m[2];
-  }
-  return out;
 }
 
 /** The state the replayer keeps between runs: each command's inputs when it last ran, by name. */

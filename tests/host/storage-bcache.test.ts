@@ -10,6 +10,7 @@
  *   boot 4  nothing comes back after a reboot (no stale superblock for udev to register).
  * And on fresh disks: writethrough mode.
  */
+import { parseResults } from "../../components/host";
 import * as fs from "fs";
 import { HOST_SCRIPTS, Scratch } from "../helpers/host";
 import { runInVm, vmImage, VmDisk, VmRun } from "../helpers/vm";
@@ -86,14 +87,7 @@ function steps(run: VmRun): Steps {
 }
 
 /** key=value results of a storage.sh run printed by `step`. */
-function results(out: string): Record<string, string> {
-  const r: Record<string, string> = {};
-  for (const line of out.split("\n")) {
-    const m = /^([A-Za-z0-9_.-]+)=(.*)$/.exec(line);
-    if (m) r[m[1]] = m[2];
-  }
-  return r;
-}
+const results = parseResults;
 
 function boot(scratch: Scratch, script: string, env: Record<string, string>, fstab?: string): { run: VmRun; s: Steps } {
   const files: Record<string, string> = { "host-scripts": HOST_SCRIPTS };
