@@ -4,6 +4,7 @@
  * host-scripts/baseline.sh with files rendered by components/render/baseline.ts.
  */
 import * as pulumi from "@pulumi/pulumi";
+import { DESKTOP_PORT_BASE, SSH_PORT_BASE, UID_MAX, UID_MIN } from "./config";
 import type { ServerConfig } from "./config";
 import { Host, HostScript } from "./host";
 import { BaselineParams, renderBaselineFiles } from "./render/baseline";
@@ -24,7 +25,8 @@ export function baselineParams(config: ServerConfig): BaselineParams {
   return {
     sshPort: config.host.sshPort,
     lanCidr: config.host.lanCidr,
-    userPorts: config.users.flatMap((u) => [u.sshPort, u.desktopPort]).sort((a, b) => a - b),
+    // every slot's SSH (2222+slot) and desktop (4000+slot) port: the two ranges overlap, so one range covers both
+    userPortRange: { from: Math.min(SSH_PORT_BASE, DESKTOP_PORT_BASE), to: Math.max(SSH_PORT_BASE, DESKTOP_PORT_BASE) + (UID_MAX - UID_MIN) },
     adminUser: config.host.sshUser,
     dataRoot: `${config.storage.mountpoint}/docker-data`,
     mountpoint: config.storage.mountpoint,

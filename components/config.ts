@@ -78,6 +78,11 @@ const hostSchema = z
   .object({
     /** Address the program's SSH connection uses (LAN IP, DNS name, or a tunnel endpoint). */
     address: z.string().min(1),
+    /**
+     * The server's SSH host public key (`ssh-ed25519 AAAA...`). Every remote command and the Docker provider's ssh
+     * verify it before anything is sent. Required unless `rig: true` (see `parseHostKey`).
+     */
+    hostKey: z.string().optional(),
     /** Admin account that runs host scripts with passwordless sudo (or root). */
     sshUser: z.string().regex(POSIX_USERNAME, "must be a POSIX user name (lowercase letters, digits, _ and -)"),
     sshPort: z.number().int().min(1).max(65535).default(22),
@@ -229,11 +234,14 @@ const driveSchema = z
   .object({
     /** rclone remote (defined in the secret `rcloneConfig`) of the Google Workspace shared drive. */
     remote: z.string().regex(/^[A-Za-z0-9_-]+$/, "must be an rclone remote name").default("gdrive"),
-    /** VFS cache size: "auto" = 80% of what remains after user quotas and the snapshot reserve. */
+    /**
+     * VFS cache size: "auto" = 20 % of the array's usable space (see `driveCacheSizeGb`): a function of the disks
+     * only, so adding or removing a user never changes (and never remounts) the Drive under everyone's workspace.
+     */
     cacheSizeGb: z.union([z.literal("auto"), z.number().int().positive()]).default("auto"),
     cacheMaxAge: z.string().regex(/^\d+[smhd]$/, 'must be a duration like "720h"').default("720h"),
-    /** Share of the users' quotas reserved for snapshots when sizing the cache. */
-    snapshotReservePercent: z.number().int().min(0).max(100).default(50),
+    /** Removed: the cache size no longer depends on the users' quotas. Kept only to say so clearly. */
+    snapshotReservePercent: z.unknown().optional(),
   })
   .strict();
 
@@ -303,7 +311,8 @@ export interface UserConfig {
 }
 
 /** The validated, defaulted, frozen configuration of one server. */
-export interface ServerConfig extends Omit<RawConfig, "users" | "storage"> {
+export interface ServerConfig extends Omit<RawConfig, "users" | "storage" | "drive"> {
+  drive: Omit<RawConfig["drive"], "snapshotReservePercent">;
   storage: RawConfig["storage"] & { metadataProfile: Profile };
   users: UserConfig[];
 }
@@ -398,6 +407,37 @@ function sameDisk(disk: string, maybePart: string): boolean {
   return /^p?\d+$/.test(rest) || /^-part\d+$/.test(rest);
 }
 
+/** Host key types the connection accepts (ssh-rsa is refused: the Go SSH client would verify it with SHA-1). */
+export const HOST_KEY_TYPES = ["ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521"] as const;
+
+const HOST_KEY_HOWTO = (h: { address: string; sshPort: number }) =>
+  `Get it with \`ssh-keyscan -t ed25519 -p ${h.sshPort} ${h.address}\` and check it against \`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub\` ` +
+  `run on the server's console; then set host.hostKey to "ssh-ed25519 AAAA..." (the line without the leading host name)`;
+
+/** What is wrong with a host key line, or undefined when it is `<type> <base64 key>` of an accepted type. */
+export function hostKeyProblem(line: string): string | undefined {
+  const parts = line.trim().split(/\s+/);
+  if (parts.length >= 3 && !parts[0].includes("-") && (HOST_KEY_TYPES as readonly string[]).includes(parts[1]))
+    return `starts with the host name "${parts[0]}" (ssh-keyscan's format); drop it and keep "${parts[1]} ${parts[2].slice(0, 12)}..."`;
+  const [type, b64] = parts;
+  if (type === "ssh-rsa") return "is an RSA key, which the program's SSH client would verify with SHA-1 (refused by current OpenSSH); use the server's ed25519 key";
+  if (!(HOST_KEY_TYPES as readonly string[]).includes(type)) return `"${type.slice(0, 40)}" is not a host key type (${HOST_KEY_TYPES.join(", ")})`;
+  if (!b64 || !/^[A-Za-z0-9+/]+={0,3}$/.test(b64)) return "has no base64 key after the type";
+  // the key blob starts with its own type name (uint32 length + name): a truncated or pasted-wrong key fails here
+  const blob = Buffer.from(b64, "base64");
+  const n = blob.length >= 4 ? blob.readUInt32BE(0) : -1;
+  if (n <= 0 || blob.length < 4 + n || blob.subarray(4, 4 + n).toString("latin1") !== type)
+    return `the base64 part is not a ${type} key (truncated or mis-pasted?)`;
+  if (type === "ssh-ed25519" && blob.length !== 4 + n + 4 + 32) return "the ed25519 key is not 32 bytes long (truncated?)";
+  return undefined;
+}
+
+/** The host key as the connection takes it: `<type> <base64>` (comment dropped). */
+export function normalizeHostKey(line: string): string {
+  const [type, b64] = line.trim().split(/\s+/);
+  return `${type} ${b64}`;
+}
+
 /** Cross-field checks over a schema-valid raw config. Pushes every problem found. */
 function crossCheck(c: RawConfig, issues: ConfigIssue[]): void {
   const add = (path: string, message: string) => issues.push({ path, message });
@@ -438,6 +478,12 @@ function crossCheck(c: RawConfig, issues: ConfigIssue[]): void {
     add("storage.mountpoint", `${c.storage.mountpoint} is a system directory; use a dedicated path such as /mnt/storage`);
 
   // --- host ---
+  if (c.host.hostKey === undefined) {
+    if (!c.rig) add("host.hostKey", `is required: the SSH connection carries every secret, so it must verify the server. ${HOST_KEY_HOWTO(c.host)}`);
+  } else {
+    const problem = hostKeyProblem(c.host.hostKey);
+    if (problem) add("host.hostKey", `${problem}. ${HOST_KEY_HOWTO(c.host)}`);
+  }
   const lan = cidrContains(c.host.lanCidr, c.host.lanAddress);
   if (lan === undefined) add("host.lanCidr", `${c.host.lanCidr} is not a valid IPv4 CIDR`);
   else if (!lan) add("host.lanAddress", `${c.host.lanAddress} is not inside host.lanCidr ${c.host.lanCidr}; fix one of them`);
@@ -557,6 +603,8 @@ function crossCheck(c: RawConfig, issues: ConfigIssue[]): void {
     add("cloudflare.allowedDomains", "nobody is admitted: set allowedDomains (your Google Workspace domain) or allowedEmails");
 
   // --- backups / drive ---
+  if (c.drive.snapshotReservePercent !== undefined)
+    add("drive.snapshotReservePercent", "was removed: the Drive cache no longer depends on the users' quotas (a user change would remount it under everyone); delete this key, and set drive.cacheSizeGb to a number to fix the size");
   if (c.backup.keepWeekly * 7 < c.backup.keepDaily)
     add("backup.keepWeekly", `keeps less history (${c.backup.keepWeekly} weeks) than keepDaily (${c.backup.keepDaily} days)`);
   if (c.backup.repository.startsWith("rclone:")) {
@@ -622,8 +670,11 @@ export function parseConfig(raw: unknown): ServerConfig {
   crossCheck(c, issues);
   if (issues.length) throw new ConfigError(issues);
   const metadataProfile = c.storage.metadataProfile ?? defaultMetadataProfile(c.storage.dataProfile, c.storage.devices.length);
+  const { snapshotReservePercent: _removed, ...drive } = c.drive;
   return deepFreeze({
     ...c,
+    host: { ...c.host, ...(c.host.hostKey !== undefined ? { hostKey: normalizeHostKey(c.host.hostKey) } : {}) },
+    drive,
     storage: { ...c.storage, metadataProfile },
     users: c.users.map((u) => resolveUser(u, c)),
   });

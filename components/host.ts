@@ -48,6 +48,8 @@ export class Host extends pulumi.ComponentResource {
       port: h.sshPort,
       user: h.sshUser,
       privateKey: pulumi.secret(args.privateKey),
+      // pinned server key: the Go SSH client refuses any other before authenticating or sending the bundle
+      ...(h.hostKey !== undefined ? { hostKey: h.hostKey } : {}),
       dialErrorLimit: 10,
       perDialTimeout: 30,
     };
@@ -85,6 +87,13 @@ export interface BundleParts {
   lib: string;
   env: Record<string, string>;
   files: Record<string, string>;
+  /**
+   * The step carries secrets: whatever the script prints could be one, and the command provider puts a failed
+   * command's output into its error message (and its stdout/stderr into state) whatever `logging` says. So the
+   * script's stderr goes only to the root-only log on the host, stdout only as `key=value` result lines, and a
+   * failure prints just the step, the exit code and where the log is.
+   */
+  quiet?: boolean;
 }
 
 /** Single-quote a value for bash. */
@@ -95,6 +104,8 @@ export function shellQuote(value: string): string {
 const ENV_NAME = /^TS_[A-Z0-9_]+$/;
 const FILE_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]*$/;
 const STEP_NAME = /^[a-z0-9][a-z0-9-]*$/;
+/** A `key=value` result line of a host script's stdout (lib.sh's `result`). */
+const RESULT_LINE = /^([A-Za-z0-9_.-]+)=(.*)$/;
 
 /** Write `content` to `dest` on the host exactly (heredoc when it ends in a newline, else base64). */
 function emitFile(dest: string, content: string): string {
@@ -137,7 +148,14 @@ export function renderBundle(p: BundleParts): string {
     `mv -f "$d/lib.sh.new" "$d/lib.sh"; mv -f "$d/script.sh.new" "$d/script.sh"; mv -f "$d/env.new" "$d/env"`,
     `rm -rf "$d/files" && mv "$d/files.new" "$d/files"`,
     `set -a; . "$d/env"; set +a`,
-    `bash "$d/script.sh" apply </dev/null 2> >(tee -a ${LOG_DIR}/${p.step}.log >&2)`,
+    ...(p.quiet
+      ? [
+          `touch ${LOG_DIR}/${p.step}.log && chmod 600 ${LOG_DIR}/${p.step}.log`,
+          `rc=0; out=$(bash "$d/script.sh" apply </dev/null 2>>${LOG_DIR}/${p.step}.log) || rc=$?`,
+          `printf '%s\n' "$out" | grep -E '${RESULT_LINE.source}' || true`,
+          `if [ "$rc" != 0 ]; then echo "step ${p.step} failed (exit $rc); its output may hold secrets, so it is only in ${LOG_DIR}/${p.step}.log on the host (root only): sudo tail -n 50 ${LOG_DIR}/${p.step}.log" >&2; exit "$rc"; fi`,
+        ]
+      : [`bash "$d/script.sh" apply </dev/null 2> >(tee -a ${LOG_DIR}/${p.step}.log >&2)`]),
     "}",
   ];
   return parts.join("\n") + "\n";
@@ -155,7 +173,7 @@ export function teardownCommand(step: string, asRoot: string): string {
 export function parseResults(stdout: string | undefined): Record<string, string> {
   const out: Record<string, string> = {};
   for (const line of (stdout ?? "").split("\n")) {
-    const m = /^([A-Za-z0-9_.-]+)=(.*)$/.exec(line);
+    const m = RESULT_LINE.exec(line);
     if (m) out[m[1]] = m[2];
   }
   return out;
@@ -210,6 +228,7 @@ export class HostScript extends pulumi.ComponentResource {
           lib: libText,
           env: Object.fromEntries(envKeys.map((k, i) => [k, envValues[i]])),
           files: Object.fromEntries(fileKeys.map((k, i) => [k, fileValues[i]])),
+          quiet: secretBearing,
         }),
       );
     const stdin = secretBearing ? pulumi.secret(bundle) : bundle;
@@ -238,7 +257,12 @@ export class HostScript extends pulumi.ComponentResource {
         triggers: [this.bundleHash],
         logging: secretBearing ? "none" : "stdoutAndStderr",
       },
-      { parent: this, dependsOn: [...(args.after ?? []), ...(teardown ? [teardown] : [])] },
+      {
+        parent: this,
+        dependsOn: [...(args.after ?? []), ...(teardown ? [teardown] : [])],
+        // a secret-bearing step's outputs stay encrypted in state, whatever the script printed
+        ...(secretBearing ? { additionalSecretOutputs: ["stdout", "stderr"] } : {}),
+      },
     );
     this.results = this.apply.stdout.apply(parseResults);
     this.registerOutputs({ results: this.results, bundleHash: this.bundleHash });

@@ -126,13 +126,7 @@ export class Operations extends pulumi.ComponentResource {
     const cfgCache = config.drive.cacheSizeGb;
     this.driveCacheSizeGb =
       cfgCache === "auto"
-        ? args.deviceBytes.apply((bytes) =>
-            driveCacheSizeGb({
-              arrayUsableGb: arrayUsableGb(config, bytes),
-              userQuotasGb: config.users.map((u) => u.quotaGb),
-              snapshotReservePercent: config.drive.snapshotReservePercent,
-            }),
-          )
+        ? args.deviceBytes.apply((bytes) => driveCacheSizeGb({ arrayUsableGb: arrayUsableGb(config, bytes) }))
         : pulumi.output(cfgCache);
 
     const scripts = loadOpsScripts();

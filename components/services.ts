@@ -31,6 +31,42 @@ export const SERVICE_IMAGES = {
   cloudflared: "cloudflare/cloudflared:2024.10.1",
 } as const;
 
+/**
+ * Stop grace per container, in seconds: what `docker stop` (and so every replace, image roll and destroy through
+ * the Docker provider, whose `destroyGraceSeconds` defaults to 0 = SIGKILL) waits between SIGTERM and SIGKILL.
+ * Sized to what each one must flush: Prometheus its TSDB head/WAL, Grafana its SQLite database, cloudflared its
+ * connections (its own --grace-period is 30 s), Traefik its in-flight requests.
+ */
+export const SERVICE_STOP_GRACE_S: Record<string, number> = {
+  traefik: 30,
+  netdata: 30,
+  cadvisor: 10,
+  "node-exporter": 10,
+  alertmanager: 30,
+  "dcgm-exporter": 10,
+  prometheus: 120,
+  grafana: 60,
+  tensorboard: 15,
+  filebrowser: 30,
+  dozzle: 10,
+  portainer: 30,
+  cloudflared: 35,
+};
+
+/** How long `pulumi up` waits for a new container's health check to pass before failing the update. */
+export const SERVICE_WAIT_TIMEOUT_S = 300;
+
+/**
+ * Lifecycle inputs of a container: the stop grace both ways the provider stops it (`stopTimeout` for a plain
+ * `docker stop`/restart, `destroyGraceSeconds` for replace and destroy), and `wait` for a healthy state after
+ * create, so a container that never becomes healthy fails the `up` with its reason instead of passing silently.
+ * `wait` needs a health check (the provider refuses it otherwise).
+ */
+export function containerLifecycle(graceS: number, healthcheck: boolean, waitTimeoutS = SERVICE_WAIT_TIMEOUT_S): Pick<docker.ContainerArgs, "stopTimeout" | "destroyGraceSeconds" | "wait" | "waitTimeout"> {
+  if (!Number.isInteger(graceS) || graceS < 1) throw new Error(`stop grace ${graceS}: a container needs at least 1 s between SIGTERM and SIGKILL`);
+  return { stopTimeout: graceS, destroyGraceSeconds: graceS, ...(healthcheck ? { wait: true, waitTimeout: waitTimeoutS } : { wait: false }) };
+}
+
 /** The eight shared web services of the mission (each has a route). */
 export const WEB_SERVICES = ["traefik", "netdata", "prometheus", "grafana", "tensorboard", "filebrowser", "dozzle", "portainer"] as const;
 
@@ -52,6 +88,27 @@ export interface SharedServicesArgs {
   tunnelToken?: pulumi.Output<string>;
   /** Steps that must finish first (Docker installed, array mounted). */
   after?: pulumi.Resource[];
+}
+
+/**
+ * The Docker provider's ssh options. With `host.hostKey` the pinned key is the ONLY key ssh trusts for this
+ * connection: the user's and the system's known_hosts are not read, and `KnownHostsCommand` (OpenSSH >= 8.5)
+ * prints the one known_hosts line (`* <type> <key>`; no file, so no path that differs between checkouts), with
+ * HostKeyAlgorithms pinned to its type so ssh never negotiates another of the server's keys. A rig without a
+ * hostKey falls back to the user's known_hosts, still strictly.
+ */
+export function dockerSshOpts(config: ServerConfig): string[] {
+  const base = ["-o", "BatchMode=yes", "-o", "ServerAliveInterval=30", "-o", "StrictHostKeyChecking=yes"];
+  const key = config.host.hostKey;
+  if (key === undefined) return base;
+  const type = key.split(" ")[0];
+  return [
+    ...base,
+    "-o", "UserKnownHostsFile=/dev/null",
+    "-o", "GlobalKnownHostsFile=/dev/null",
+    "-o", `KnownHostsCommand=/bin/echo * ${key}`,
+    "-o", `HostKeyAlgorithms=${type}`,
+  ];
 }
 
 /** `ssh://user@host:port` for the Docker provider (the system ssh client and agent supply the key). */
@@ -84,7 +141,7 @@ export class SharedServices extends pulumi.ComponentResource {
 
     this.provider = new docker.Provider(
       `${name}-docker`,
-      { host: dockerHost(config), sshOpts: ["-o", "BatchMode=yes", "-o", "ServerAliveInterval=30", "-o", "StrictHostKeyChecking=yes"] },
+      { host: dockerHost(config), sshOpts: dockerSshOpts(config) },
       { parent: this, dependsOn: args.after ?? [] },
     );
     const child = { parent: this, provider: this.provider };
@@ -98,7 +155,13 @@ export class SharedServices extends pulumi.ComponentResource {
       labels: Object.entries(traefikLabels(routesOf(svc))).map(([label, value]) => ({ label, value })),
     });
     const make = (svc: string, a: docker.ContainerArgs, extraDeps: pulumi.Resource[] = []) => {
-      this.containers[svc] = new docker.Container(`${name}-${svc}`, { ...base(svc), ...a }, { ...child, deleteBeforeReplace: true, dependsOn: [dirs.apply, ...extraDeps] });
+      const grace = SERVICE_STOP_GRACE_S[svc];
+      if (grace === undefined) throw new Error(`service ${svc} has no stop grace in SERVICE_STOP_GRACE_S`);
+      this.containers[svc] = new docker.Container(
+        `${name}-${svc}`,
+        { ...base(svc), ...containerLifecycle(grace, a.healthcheck !== undefined), ...a },
+        { ...child, deleteBeforeReplace: true, dependsOn: [dirs.apply, ...extraDeps] },
+      );
       return this.containers[svc];
     };
     const sock = { hostPath: "/var/run/docker.sock", containerPath: "/var/run/docker.sock", readOnly: true };

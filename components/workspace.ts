@@ -13,6 +13,7 @@ import * as path from "path";
 import type { ServerConfig, UserConfig } from "./config";
 import { SHARED_GID, SHARED_GROUP } from "./baseline";
 import { traefikLabels } from "./render/services";
+import { containerLifecycle } from "./services";
 import {
   WORKSPACE_PASSWORD_FILE,
   WORKSPACE_PORTS,
@@ -29,6 +30,9 @@ import { workspaceContainer } from "./routes";
 export const WORKSPACE_IMAGE_DIR = path.resolve(__dirname, "..", "images", "workspace");
 
 const GB = 1024; // the Docker provider takes memory sizes in MB
+
+/** A workspace's first health check may take its start period (60 s) plus retries; a slow first start gets 10 min. */
+export const WORKSPACE_WAIT_TIMEOUT_S = 600;
 
 export interface WorkspaceImageArgs {
   config: ServerConfig;
@@ -150,8 +154,10 @@ export class Workspace extends pulumi.ComponentResource {
         ...memorySettings(user),
         deviceRequests: gpuRequests(user),
         mounts: workspaceMounts(config, user),
-        // health: the image's HEALTHCHECK (every supervisord program RUNNING)
-        stopTimeout: WORKSPACE_STOP_TIMEOUT_S,
+        // health: the image's HEALTHCHECK (every supervisord program RUNNING); `up` waits for it and fails with
+        // the reason when the workspace never becomes healthy. Stops (replace, image roll, destroy) give its
+        // processes the image's stop timeout between SIGTERM and SIGKILL, never the provider's default 0 s.
+        ...containerLifecycle(WORKSPACE_STOP_TIMEOUT_S, true, WORKSPACE_WAIT_TIMEOUT_S),
       },
       { parent: this, provider: args.provider, deleteBeforeReplace: true, dependsOn: args.after ?? [] },
     );

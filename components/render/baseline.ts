@@ -13,8 +13,12 @@ export interface BaselineParams {
   sshPort: number;
   /** The LAN, as an IPv4 CIDR (e.g. "192.168.1.0/24"): the only source allowed to reach SSH and user ports. */
   lanCidr: string;
-  /** Ports the workspaces publish on the host (per user: SSH 2222+k, desktop 4000+k). LAN only. */
-  userPorts: number[];
+  /**
+   * Every port a workspace can publish on the host (any user's SSH 2222+slot or desktop 4000+slot), as one
+   * inclusive range. LAN only. A range of every possible slot, not the current users' ports: adding or removing a
+   * user never changes (and never re-runs) the baseline.
+   */
+  userPortRange: { from: number; to: number };
   /** The admin's login on the host; baseline.sh refuses to lock down sshd unless it has an authorized key. */
   adminUser: string;
   /** Docker's data-root: a btrfs subvolume on the array (baseline.sh creates it), e.g. "/mnt/storage/docker-data". */
@@ -35,6 +39,9 @@ export interface BaselineParams {
   findTime?: string;
 }
 
+/** sshd's MaxStartups: no connection is dropped below 64 unauthenticated at once, all beyond 128. */
+export const SSHD_MAX_STARTUPS = "64:30:128";
+
 const HEADER = "Managed by train-server (components/render/baseline.ts). Local edits are overwritten.";
 const USER_NAME = /^[a-z_][a-z0-9_-]{0,31}$/;
 const DURATION = /^[0-9]+[smhdw]?$/;
@@ -47,9 +54,10 @@ function checkPort(what: string, port: number): void {
 /** Throws a clear error when a parameter could produce a broken or unsafe file. */
 export function validateBaselineParams(p: BaselineParams): void {
   checkPort("sshPort", p.sshPort);
-  p.userPorts.forEach((port) => checkPort("userPorts", port));
-  if (new Set(p.userPorts).size !== p.userPorts.length) throw new Error(`userPorts: duplicates in ${p.userPorts.join(",")}`);
-  if (p.userPorts.includes(p.sshPort)) throw new Error(`userPorts: ${p.sshPort} is the host's SSH port`);
+  const r = p.userPortRange;
+  checkPort("userPortRange.from", r.from);
+  checkPort("userPortRange.to", r.to);
+  if (r.from > r.to) throw new Error(`userPortRange: ${r.from}:${r.to} is reversed`);
   const m = /^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})\/(\d{1,2})$/.exec(p.lanCidr);
   if (!m || m.slice(1, 5).some((o) => Number(o) > 255) || Number(m[5]) > 32 || Number(m[5]) < 8) {
     throw new Error(`lanCidr: "${p.lanCidr}" is not an IPv4 network like 192.168.1.0/24 (prefix 8-32)`);
@@ -90,6 +98,9 @@ export function renderSshdConfig(p: BaselineParams): string {
     "X11Forwarding no",
     "MaxAuthTries 3",
     "LoginGraceTime 30",
+    "# The Docker provider opens one ssh connection per container operation (`docker system dial-stdio`), ~25 at",
+    "# once on a first `up`: OpenSSH's default 10:30:100 starts dropping new connections past 10 unauthenticated.",
+    `MaxStartups ${SSHD_MAX_STARTUPS}`,
     "ClientAliveInterval 300",
     "ClientAliveCountMax 3",
     "",
@@ -157,7 +168,7 @@ export function renderUfwRules(p: BaselineParams): string {
 
 /**
  * A block appended to /etc/ufw/after.rules (between markers) that filters traffic to the workspaces' published
- * ports in Docker's DOCKER-USER chain: a connection whose original destination port is a user port is dropped
+ * ports in Docker's DOCKER-USER chain: a connection whose original destination port is in the user port range is dropped
  * unless it comes from the LAN. (DNAT-ed traffic never reaches UFW's INPUT rules; `--ctorigdstport` matches
  * the port before Docker's DNAT.) ufw loads it on enable/reload/boot; dockerd keeps DOCKER-USER's rules.
  */
@@ -169,11 +180,9 @@ export function renderUfwDockerUserRules(p: BaselineParams): string {
     "*filter",
     ":DOCKER-USER - [0:0]",
   ];
-  for (const port of [...p.userPorts].sort((a, b) => a - b)) {
-    lines.push(
-      `-A DOCKER-USER -p tcp -m conntrack --ctorigdstport ${port} --ctdir ORIGINAL ! -s ${p.lanCidr} -j DROP`,
-    );
-  }
+  lines.push(
+    `-A DOCKER-USER -p tcp -m conntrack --ctorigdstport ${p.userPortRange.from}:${p.userPortRange.to} --ctdir ORIGINAL ! -s ${p.lanCidr} -j DROP`,
+  );
   lines.push("-A DOCKER-USER -j RETURN", "COMMIT", "# END train-server DOCKER-USER", "");
   return lines.join("\n");
 }

@@ -149,14 +149,13 @@ export function loadOpsScripts(dir = path.resolve(__dirname, "..", "..", "host-s
 }
 
 /**
- * Size of the rclone VFS cache (reference 000, "Storage Allocation Example"): 80 % of what remains of the array
- * after the users' quotas and the snapshot reserve (a percentage of the users' quotas). 10 000 GB usable,
- * 5 x 1000 GB quotas, 50 % reserve -> 10000 - 5000 - 2500 = 2500 -> 2000 GB. Never negative; rounded down.
+ * Size of the rclone VFS cache when `drive.cacheSizeGb` is "auto": 20 % of the array's usable space, rounded
+ * down, at least 1 GB (10 000 GB usable -> 2000 GB, the reference's figure for 5 x 1000 GB quotas). It depends on
+ * the disks only: a user added or removed never changes the mount unit, so the Drive is never remounted under
+ * the other users' workspaces.
  */
-export function driveCacheSizeGb(args: { arrayUsableGb: number; userQuotasGb: number[]; snapshotReservePercent: number }): number {
-  const quotas = args.userQuotasGb.reduce((a, b) => a + b, 0);
-  const remaining = args.arrayUsableGb - quotas - (quotas * args.snapshotReservePercent) / 100;
-  return Math.max(0, Math.floor(remaining * 0.8));
+export function driveCacheSizeGb(args: { arrayUsableGb: number }): number {
+  return Math.max(1, Math.floor(args.arrayUsableGb * 0.2));
 }
 
 /** Mbit/s -> restic --limit-upload (KiB/s): 100 Mbit/s = 12 500 000 B/s = 12207 KiB/s (rounded down). */

@@ -99,6 +99,33 @@ describe("host step bundle", () => {
     expect(r.stdout).not.toContain("this line after the bundle must still run");
   });
 
+  test("a secret-bearing (quiet) step never prints its output: results pass, stderr and stray stdout stay in the root-only log", () => {
+    const secret = `s3cr3t-${process.pid}-value`;
+    const leaky = `source "\${BASH_SOURCE[0]%/*}/lib.sh"\necho "debug: token is $TS_TOKEN"\necho "rclone: bad config $TS_TOKEN" >&2\nresult stage half\n[[ $TS_FAIL == 1 ]] && die "failed with $TS_TOKEN"\nfinish\n`;
+    const log = `/var/log/train-server/${STEP}.log`;
+    fs.rmSync(log, { force: true });
+    for (const fail of ["0", "1"]) {
+      const b = renderBundle({ step: STEP, script: leaky, lib: readHostScript("lib"), env: { TS_TOKEN: secret, TS_FAIL: fail }, files: {}, quiet: true });
+      const r = runBundle(b);
+      expect({ fail, leaks: (r.stdout + r.stderr).includes(secret) }).toEqual({ fail, leaks: false });
+      expect(parseResults(r.stdout).stage).toBe("half");
+      if (fail === "1") {
+        expect(r.status).not.toBe(0);
+        expect(r.stderr).toContain(`step ${STEP} failed (exit`);
+        expect(r.stderr).toContain(log);
+        expect(r.stdout).not.toContain("this line after the bundle must still run");
+      } else {
+        expect(r.status).toBe(0);
+        expect(parseResults(r.stdout).changes).toBe("0");
+      }
+    }
+    // the same bundle without quiet shows the secret: the test's script really leaks
+    const loud = runBundle(renderBundle({ step: STEP, script: leaky, lib: readHostScript("lib"), env: { TS_TOKEN: secret, TS_FAIL: "1" }, files: {} }));
+    expect((loud.stdout + loud.stderr).includes(secret)).toBe(true);
+    expect(fs.readFileSync(log, "utf8")).toContain(`rclone: bad config ${secret}`);
+    expect(fs.statSync(log).mode & 0o077).toBe(0);
+  });
+
   test("teardown runs the installed copy's destroy, then removes the copy (env, files: maybe secrets); then it is a no-op", () => {
     runBundle(bundle);
     const r = spawnSync("bash", ["-c", teardownCommand(STEP, "")], { encoding: "utf8" });

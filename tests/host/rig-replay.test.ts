@@ -149,7 +149,7 @@ describe("RIG REPLAY: the rig stack's remote commands against a booted systemd c
     expect(ufw).toMatch(/^Status: active$/m);
     expect(ufw).toMatch(/Default: deny \(incoming\), allow \(outgoing\)/);
     expect(ufw.split("\n").filter((l) => /ALLOW|DENY/.test(l)).map((l) => l.trim().split(/\s{2,}/))).toEqual([["22/tcp", "ALLOW IN", rig.lanCidr]]);
-    expect(sudo("iptables -S DOCKER-USER")).toContain(`! -s ${rig.lanCidr} -p tcp -m conntrack --ctorigdstport 2222`);
+    expect(sudo("iptables -S DOCKER-USER")).toContain(`! -s ${rig.lanCidr} -p tcp -m conntrack --ctorigdstport 2222:62999`);
     // docker: btrfs driver, data root on the array; fail2ban running its sshd jail
     expect(sudo("docker info --format '{{.Driver}} {{.DockerRootDir}}'").trim()).toBe(`btrfs ${MP}/docker-data`);
     for (const svc of ["ssh", "docker", "fail2ban", "ufw"]) expect(ssh(`systemctl is-active ${svc}`).trim()).toBe("active");

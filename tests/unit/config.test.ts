@@ -85,6 +85,13 @@ const BAD: Case[] = [
   ["telegram chat id not numeric", (c) => (c.alerts.telegramChatId = "@mychannel"), "alerts.telegramChatId", /numeric Telegram chat id/],
   ["data sync source not an rclone path", (c) => (c.dataSync.source = "/data"), "dataSync.source", /rclone path/],
   ["drive cache size zero", (c) => (c.drive.cacheSizeGb = 0), "drive.cacheSizeGb", /auto|0|positive|Invalid/],
+  ["the removed snapshot reserve of the cache size", (c) => (c.drive.snapshotReservePercent = 50), "drive.snapshotReservePercent", /was removed.*delete this key/],
+  ["no host key on a production stack", (c) => delete c.host.hostKey, "host.hostKey", /is required.*ssh-keyscan -t ed25519 -p 22 192\.168\.1\.50/],
+  ["a host key in ssh-keyscan's format (with the host name)", (c) => (c.host.hostKey = `192.168.1.50 ${c.host.hostKey}`), "host.hostKey", /drop it/],
+  ["an RSA host key (verified with SHA-1 by the Go client)", (c) => (c.host.hostKey = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQC7"), "host.hostKey", /RSA.*ed25519/],
+  ["a truncated host key", (c) => (c.host.hostKey = c.host.hostKey.slice(0, 60)), "host.hostKey", /not 32 bytes|not a ssh-ed25519 key/],
+  ["a host key whose blob is of another type", (c) => (c.host.hostKey = `ecdsa-sha2-nistp256 ${c.host.hostKey.split(" ")[1]}`), "host.hostKey", /not a ecdsa-sha2-nistp256 key/],
+  ["a host key that is a user's public key type name only", (c) => (c.host.hostKey = "ssh-ed25519"), "host.hostKey", /no base64 key/],
 ];
 
 describe("config: bad values are rejected with the field's path and a fix", () => {
@@ -103,6 +110,19 @@ describe("config: bad values are rejected with the field's path and a fix", () =
     expect(issues.length).toBeGreaterThan(0);
     expect({ path: hit?.path, issues }).toEqual(expect.objectContaining({ path }));
     expect(hit!.message).toMatch(message);
+  });
+});
+
+describe("config: host.hostKey", () => {
+  test("normalized to `<type> <base64>` (a comment dropped), and optional on a rig only", () => {
+    const c = clone(prod);
+    const key = c.host.hostKey;
+    c.host.hostKey = `  ${key}   root@server  `;
+    expect(parseConfig(c).host.hostKey).toBe(key);
+    const rig = clone(prod);
+    delete rig.host.hostKey;
+    rig.rig = true;
+    expect(parseConfig(rig).host.hostKey).toBeUndefined();
   });
 });
 

@@ -1,6 +1,8 @@
 /**
  * The program's graph under mocks: component tree, ordering, triggers, secrets, and protection flags.
  */
+import { WORKSPACE_STOP_TIMEOUT_S } from "../../components/render/workspace-image";
+import { SERVICE_STOP_GRACE_S } from "../../components/services";
 import { dependsOn, isAncestor, Registered } from "../../tools/harness";
 import { clone, runProgram, stackRaw, TEST_SECRETS } from "../helpers/program";
 
@@ -68,6 +70,33 @@ describe("graph of the prod stack", () => {
       expect(c.secretInputs).toContain("connection");
       expect(c.inputs.connection).toEqual(cmds[0].inputs.connection);
       expect(c.inputs.connection.privateKey).toBe(TEST_SECRETS.sshPrivateKey);
+    }
+  });
+
+  test("every connection pins the server's host key from config: the command provider's and the Docker provider's ssh", () => {
+    const key = stackRaw("prod").host.hostKey;
+    for (const c of res.filter((r) => r.type === CMD)) expect(c.inputs.connection.hostKey).toBe(key);
+    const provider = res.find((r) => r.type === "pulumi:providers:docker")!;
+    const opts: string[] = JSON.parse(provider.inputs.sshOpts);
+    expect(opts).toEqual(expect.arrayContaining(["StrictHostKeyChecking=yes", "UserKnownHostsFile=/dev/null", "GlobalKnownHostsFile=/dev/null", `KnownHostsCommand=/bin/echo * ${key}`, "HostKeyAlgorithms=ssh-ed25519"]));
+  });
+
+  test("no container is stopped without a grace: stop timeout and destroy grace on every one, workspaces the image's stop timeout", () => {
+    const containers = res.filter((r) => r.type === "docker:index/container:Container");
+    expect(containers.length).toBeGreaterThan(10);
+    for (const c of containers) {
+      const ws = c.name.startsWith("server-ws-");
+      const want = ws ? WORKSPACE_STOP_TIMEOUT_S : SERVICE_STOP_GRACE_S[c.inputs.name];
+      expect({ c: c.name, stop: c.inputs.stopTimeout, grace: c.inputs.destroyGraceSeconds }).toEqual({ c: c.name, stop: want, grace: want });
+      expect(want).toBeGreaterThanOrEqual(10);
+    }
+  });
+
+  test("up waits for every container with a health check to become healthy (a broken workspace fails the up)", () => {
+    for (const c of res.filter((r) => r.type === "docker:index/container:Container")) {
+      const hasCheck = c.inputs.healthcheck !== undefined || c.name.startsWith("server-ws-"); // workspaces: the image's HEALTHCHECK
+      expect({ c: c.name, wait: c.inputs.wait === true }).toEqual({ c: c.name, wait: hasCheck });
+      if (hasCheck) expect(c.inputs.waitTimeout).toBeGreaterThanOrEqual(300);
     }
   });
 
@@ -162,6 +191,64 @@ describe("triggers change exactly when a script's inputs change", () => {
     const c = clone(stackRaw("prod"));
     c.users.reverse();
     expect(await triggers(c)).toEqual(base);
+  });
+});
+
+describe("blast radius of a user change", () => {
+  /** Resources (type::name) whose inputs differ between two runs, and those only in the second. */
+  async function diff(edit: (c: Record<string, any>) => void) {
+    const a = (await runProgram(stackRaw("prod"))).resources;
+    const raw = clone(stackRaw("prod"));
+    edit(raw);
+    const b = (await runProgram(raw)).resources;
+    const key = (r: Registered) => `${r.type}::${r.name}`;
+    const before = new Map(a.map((r) => [key(r), r]));
+    const after = new Map(b.map((r) => [key(r), r]));
+    return {
+      changed: b.filter((r) => before.has(key(r)) && JSON.stringify(before.get(key(r))!.inputs) !== JSON.stringify(r.inputs)).map(key).sort(),
+      added: b.filter((r) => !before.has(key(r))).map(key).sort(),
+      removed: a.filter((r) => !after.has(key(r))).map(key).sort(),
+    };
+  }
+  const frank = (c: Record<string, any>) =>
+    c.users.push({ name: "frank", uid: 1005, email: "frank@example.com", sshKeys: c.users[1].sshKeys, memoryGuaranteeGb: 4 });
+
+  test("adding a user: their own resources, the users step, ops' usage list and the shared routing/Access objects; nothing else", async () => {
+    const d = await diff(frank);
+    expect(d.removed).toEqual([]);
+    expect(d.changed).toEqual(
+      [
+        "train-server:host:Script::server-users",
+        "command:remote:Command::server-users-apply",
+        "command:remote:Command::server-ops-apply",
+        "cloudflare:index/zeroTrustAccessPolicy:ZeroTrustAccessPolicy::server-edge-policy-team",
+        "cloudflare:index/zeroTrustTunnelCloudflaredConfig:ZeroTrustTunnelCloudflaredConfig::server-edge-tunnel-config",
+      ].sort(),
+    );
+    // every added resource is frank's
+    for (const r of d.added) expect(r).toMatch(/frank/);
+    expect(d.added).toEqual(expect.arrayContaining(["docker:index/container:Container::server-ws-frank-container"]));
+  });
+
+  test("what the ops step rewrites on a user change is only ops.env (the usage collector's list): no unit, no mount, no rules", () => {
+    const { parseConfig } = require("../../components/config");
+    const { opsParams } = require("../../components/operations");
+    const { loadOpsScripts, renderOperations } = require("../../components/render/ops");
+    const secrets = { resticPassword: "r", rcloneConfig: "c", telegramBotToken: "1:t" };
+    const raw = clone(stackRaw("prod"));
+    frank(raw);
+    const files = (c: any) => renderOperations(opsParams(parseConfig(c), 2000, secrets), loadOpsScripts());
+    const a = files(stackRaw("prod"));
+    const b = files(raw);
+    expect(Object.keys(b).sort()).toEqual(Object.keys(a).sort());
+    expect(Object.keys(a).filter((k) => JSON.stringify(a[k]) !== JSON.stringify(b[k]))).toEqual(["/etc/train-server/ops/ops.env"]);
+  });
+
+  test("removing a user touches no other user's container and no shared service", async () => {
+    const d = await diff((c) => c.users.splice(2, 1));
+    expect(d.added).toEqual([]);
+    for (const r of d.removed) expect(r).toMatch(/charlie/);
+    for (const r of d.changed) expect(r).not.toMatch(/docker:index\/container|pulumi:providers|baseline|storage/);
   });
 });
 

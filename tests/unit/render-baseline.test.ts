@@ -13,7 +13,7 @@ import {
 const params: BaselineParams = {
   sshPort: 22,
   lanCidr: "192.168.1.0/24",
-  userPorts: [4001, 2222, 2223, 4000],
+  userPortRange: { from: 2222, to: 62999 },
   adminUser: "admin",
   dataRoot: "/mnt/storage/docker-data",
   gpuCount: 0,
@@ -35,6 +35,7 @@ describe("renderSshdConfig", () => {
       "X11Forwarding no",
       "MaxAuthTries 3",
       "LoginGraceTime 30",
+      "MaxStartups 64:30:128",
       "ClientAliveInterval 300",
       "ClientAliveCountMax 3",
     ]);
@@ -86,14 +87,12 @@ describe("firewall", () => {
   test("UFW opens only the host's SSH port, only from the LAN", () => {
     expect(renderUfwRules(params)).toBe("allow from 192.168.1.0/24 to any port 22 proto tcp\n");
   });
-  test("every user port is dropped in DOCKER-USER unless it comes from the LAN", () => {
+  test("every port of the user range is dropped in DOCKER-USER unless it comes from the LAN", () => {
     const rules = directives(renderUfwDockerUserRules(params));
     expect(rules).toEqual([
       "*filter",
       ":DOCKER-USER - [0:0]",
-      ...[2222, 2223, 4000, 4001].map(
-        (p) => `-A DOCKER-USER -p tcp -m conntrack --ctorigdstport ${p} --ctdir ORIGINAL ! -s 192.168.1.0/24 -j DROP`,
-      ),
+      "-A DOCKER-USER -p tcp -m conntrack --ctorigdstport 2222:62999 --ctdir ORIGINAL ! -s 192.168.1.0/24 -j DROP",
       "-A DOCKER-USER -j RETURN",
       "COMMIT",
     ]);
@@ -120,8 +119,8 @@ describe("renderBaselineFiles", () => {
     ["a non-CIDR", { lanCidr: "0.0.0.0/0" }, /lanCidr/],
     ["a hostname in the CIDR", { lanCidr: "lan.example/24" }, /lanCidr/],
     ["an out-of-range port", { sshPort: 70000 }, /sshPort/],
-    ["a user port equal to the SSH port", { userPorts: [22] }, /SSH port/],
-    ["duplicate user ports", { userPorts: [2222, 2222] }, /duplicates/],
+    ["a reversed user port range", { userPortRange: { from: 4000, to: 2222 } }, /reversed/],
+    ["an out-of-range user port", { userPortRange: { from: 2222, to: 70000 } }, /userPortRange.to/],
     ["root as admin", { adminUser: "root" }, /adminUser/],
     ["a relative data root", { dataRoot: "docker" }, /dataRoot/],
     ["a data root with a newline", { dataRoot: "/mnt/x\n/y" }, /dataRoot/],

@@ -103,10 +103,10 @@ describe("Drive mount", () => {
     expect(u).toMatch(/^Type=notify$/m);
     expect(u).toMatch(/^RequiresMountsFor=\/mnt\/storage \/mnt\/storage\/cache\/gdrive$/m);
   });
-  it("cache size: 80 % of what remains after quotas and the snapshot reserve (reference example: 2000 GB)", () => {
-    expect(driveCacheSizeGb({ arrayUsableGb: 10000, userQuotasGb: [1000, 1000, 1000, 1000, 1000], snapshotReservePercent: 50 })).toBe(2000);
-    expect(driveCacheSizeGb({ arrayUsableGb: 40000, userQuotasGb: [1000, 1000, 1000, 1000, 1000], snapshotReservePercent: 50 })).toBe(26000);
-    expect(driveCacheSizeGb({ arrayUsableGb: 1000, userQuotasGb: [1000], snapshotReservePercent: 50 })).toBe(0);
+  it("cache size: 20 % of the array's usable space, never a function of the users (reference example: 2000 GB)", () => {
+    expect(driveCacheSizeGb({ arrayUsableGb: 10000 })).toBe(2000);
+    expect(driveCacheSizeGb({ arrayUsableGb: 40000 })).toBe(8000);
+    expect(driveCacheSizeGb({ arrayUsableGb: 9 })).toBe(1);
   });
 });
 
