@@ -19,3 +19,5 @@ export const localDnsDnsmasq = outputs.localDnsDnsmasq;
 export const resticPassword = outputs.resticPassword;
 export const grafanaAdminPassword = outputs.grafanaAdminPassword;
 export const driveCacheSizeGb = outputs.driveCacheSizeGb;
+/** CI's SSH route (cloudflare.ciSsh): hostname and the service token (`--show-secrets`) for the CI secrets. */
+export const ciSsh = outputs.ciSsh;

@@ -188,6 +188,18 @@ const cloudflareSchema = z
       .refine((d) => (d.endsWith("h") ? Number(d.slice(0, -1)) * 60 : Number(d.slice(0, -1))) <= 720 * 60, "must be at most 720h (Cloudflare's maximum session with MFA)")
       .default("24h"),
     tunnelName: z.string().regex(/^[A-Za-z0-9_-]{1,64}$/).default("train-server"),
+    /**
+     * Optional SSH route for hosted CI runners (the PR preview): `<hostname>.<domain>` → the host's sshd through
+     * the tunnel, behind an Access application that admits only a service token this program creates.
+     */
+    ciSsh: z
+      .object({
+        hostname: z.string().default("ssh"),
+        /** Lifetime of the service token (Cloudflare durations in hours, e.g. "8760h" = one year). */
+        tokenDuration: z.string().regex(/^[1-9]\d*h$/, 'must be a duration in hours like "8760h"').default("8760h"),
+      })
+      .strict()
+      .optional(),
   })
   .strict();
 
@@ -585,6 +597,13 @@ function crossCheck(c: RawConfig, issues: ConfigIssue[]): void {
   for (const svc of SERVICE_NAMES) {
     const label = c.hostnames[svc];
     const path = `hostnames.${svc}`;
+    if (!DNS_LABEL.test(label)) add(path, `"${label}" is not a DNS label (lowercase letters, digits and -, 1-63 chars)`);
+    if (labels.has(label)) add(path, `"${label}" is also used by ${labels.get(label)}; hostnames must be unique`);
+    else labels.set(label, path);
+  }
+  if (c.cloudflare.ciSsh) {
+    const label = c.cloudflare.ciSsh.hostname;
+    const path = "cloudflare.ciSsh.hostname";
     if (!DNS_LABEL.test(label)) add(path, `"${label}" is not a DNS label (lowercase letters, digits and -, 1-63 chars)`);
     if (labels.has(label)) add(path, `"${label}" is also used by ${labels.get(label)}; hostnames must be unique`);
     else labels.set(label, path);

@@ -5,7 +5,12 @@
  *   - a proxied CNAME per route hostname → `<tunnel id>.cfargotunnel.com` (no wildcard);
  *   - Cloudflare Access: the Google Workspace identity provider, one reusable allow policy per audience
  *     (admins, team, one per user) and one self-hosted application per route hostname;
- *   - the local-DNS bypass for office users (hosts block and dnsmasq snippet, see render/localdns.ts).
+ *   - the local-DNS bypass for office users (hosts block and dnsmasq snippet, see render/localdns.ts);
+ *   - optionally (`cloudflare.ciSsh`) CI's way in: `<hostname>.<domain>` → the host's sshd (`ssh://localhost:<port>`,
+ *     cloudflared runs in the host network), behind an application whose only policy admits one service token
+ *     created here (non_identity: no person, no IdP); its id and secret are stack outputs for the CI secrets.
+ *     Managed here because the tunnel configuration replaces the whole ingress list on every change: a route
+ *     added by hand in the dashboard would be deleted by the next user added.
  *
  * The invariant (tests/unit/edge.test.ts proves it over prod and hundreds of generated configs): no hostname
  * is reachable through the tunnel without an Access application covering exactly that hostname, whose
@@ -25,6 +30,19 @@ import * as random from "@pulumi/random";
 import type { ServerConfig } from "./config";
 import { renderDnsmasq, renderHostsBlock } from "./render/localdns";
 import { Audience, audienceDomains, audienceEmails, buildRoutes, describeAudience, Route } from "./routes";
+
+/** CI's SSH route (stack output `ciSsh`): where it is and the service token that opens it (a secret). */
+export interface CiSshAccess {
+  hostname: string;
+  service: string;
+  clientId: pulumi.Output<string>;
+  clientSecret: pulumi.Output<string>;
+}
+
+/** The ingress service of CI's SSH route: the host's own sshd, as cloudflared (host network) reaches it. */
+export function ciSshService(config: ServerConfig): string {
+  return `ssh://localhost:${config.host.sshPort}`;
+}
 
 export interface EdgeArgs {
   config: ServerConfig;
@@ -112,6 +130,8 @@ export class Edge extends pulumi.ComponentResource {
   readonly hostnames: string[];
   readonly localDns: { hosts: string; dnsmasq: string };
   readonly accessTable: Record<string, AccessEntry>;
+  /** CI's SSH route, when `cloudflare.ciSsh` is set. */
+  readonly ciSsh?: CiSshAccess;
 
   constructor(name: string, args: EdgeArgs, opts?: pulumi.ComponentResourceOptions) {
     super("train-server:edge:Edge", name, {}, opts);
@@ -202,6 +222,45 @@ export class Edge extends pulumi.ComponentResource {
       );
     }
 
+    // --- CI's SSH route (optional): one application, admitting only the program's own service token ---
+    const ciRules: Array<{ hostname: string; service: string }> = [];
+    const ciDeps: pulumi.Resource[] = [];
+    if (cf.ciSsh) {
+      const hostname = `${cf.ciSsh.hostname}.${config.domain}`;
+      const token = new cloudflare.ZeroTrustAccessServiceToken(
+        `${name}-ci-token`,
+        { accountId, name: `${cf.tunnelName} CI`, duration: cf.ciSsh.tokenDuration },
+        { parent: this, additionalSecretOutputs: ["clientSecret"] },
+      );
+      const policy = new cloudflare.ZeroTrustAccessPolicy(
+        `${name}-policy-ci`,
+        { accountId, name: `${cf.tunnelName} ci`, decision: "non_identity", includes: [{ serviceToken: { tokenId: token.id } }] },
+        child,
+      );
+      const app = new cloudflare.ZeroTrustAccessApplication(
+        `${name}-app-ci-ssh`,
+        {
+          accountId,
+          name: `${cf.tunnelName} ci-ssh`,
+          type: "self_hosted",
+          domain: hostname,
+          destinations: [{ type: "public", uri: hostname }],
+          policies: [{ id: policy.id, precedence: 1 }],
+          sessionDuration: cf.sessionDuration,
+          httpOnlyCookieAttribute: true,
+        },
+        { parent: this, replaceOnChanges: ["domain", "destinations"] },
+      );
+      ciRules.push({ hostname, service: ciSshService(config) });
+      ciDeps.push(app);
+      new cloudflare.DnsRecord(
+        `${name}-dns-ci-ssh`,
+        { zoneId: cf.zoneId, name: hostname, type: "CNAME", content: pulumi.interpolate`${tunnel.id}.cfargotunnel.com`, proxied: true, ttl: 1, comment: "train-server CI ssh route" },
+        { parent: this, dependsOn: [app] },
+      );
+      this.ciSsh = { hostname, service: ciSshService(config), clientId: token.clientId, clientSecret: pulumi.secret(token.clientSecret) };
+    }
+
     // --- the tunnel's ingress: exactly the published hostnames, then 404 for anything else ---
     const traefik = args.traefikUrl ?? DEFAULT_TRAEFIK_URL;
     new cloudflare.ZeroTrustTunnelCloudflaredConfig(
@@ -214,11 +273,12 @@ export class Edge extends pulumi.ComponentResource {
           ingresses: [
             // the Host header Traefik routes on is pinned to the hostname whose Access application admitted the request
             ...routes.map((r) => ({ hostname: r.hostname, service: traefik, originRequest: { httpHostHeader: r.hostname } })),
+            ...ciRules,
             { service: "http_status:404" },
           ],
         },
       },
-      { parent: this, dependsOn: [...apps.values()] },
+      { parent: this, dependsOn: [...apps.values(), ...ciDeps] },
     );
 
     // --- DNS: one proxied CNAME per hostname, created after (and removed before) its Access application ---
@@ -244,6 +304,7 @@ export class Edge extends pulumi.ComponentResource {
       hostnames: this.hostnames,
       localDns: this.localDns,
       accessTable: this.accessTable,
+      ciSsh: this.ciSsh,
     });
   }
 }

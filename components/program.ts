@@ -22,6 +22,8 @@ export function buildProgram() {
       resticPassword: server.operations.resticPassword,
       grafanaAdminPassword: server.services.grafanaPassword,
       driveCacheSizeGb: server.operations.driveCacheSizeGb,
+      // CI's SSH route (cloudflare.ciSsh): hostname, and the service token for the CF_ACCESS_CLIENT_* secrets
+      ciSsh: server.edge.ciSsh,
     },
   };
 }

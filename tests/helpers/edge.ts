@@ -17,6 +17,7 @@ export const T = {
   policy: "cloudflare:index/zeroTrustAccessPolicy:ZeroTrustAccessPolicy",
   idp: "cloudflare:index/zeroTrustAccessIdentityProvider:ZeroTrustAccessIdentityProvider",
   password: "random:index/randomPassword:RandomPassword",
+  serviceToken: "cloudflare:index/zeroTrustAccessServiceToken:ZeroTrustAccessServiceToken",
 } as const;
 
 export const GOOGLE_SECRET = "test-google-client-secret-value";
@@ -70,7 +71,14 @@ export function checkInvariant(res: Registered[]): { violations: string[]; admit
   if (idps.length !== 1 || idps[0].inputs.type !== "google-apps") v.push("expected one google-apps identity provider");
   const idpId = idps[0]?.inputs.name;
   const policyById = new Map(of(T.policy).map((p) => [p.inputs.name, p]));
-  for (const p of of(T.policy)) if (p.inputs.decision !== "allow") v.push(`policy ${p.name} decides ${p.inputs.decision}, not allow`);
+  // a non_identity policy is CI's alone: exactly one include, one service token this program created
+  const tokenIds = new Set(of(T.serviceToken).map((t) => t.inputs.name));
+  const isTokenPolicy = (p: Registered) =>
+    p.inputs.decision === "non_identity" &&
+    JSON.stringify(Object.keys(p.inputs.includes?.[0] ?? {})) === JSON.stringify(["serviceToken"]) &&
+    p.inputs.includes.length === 1 &&
+    tokenIds.has(p.inputs.includes[0].serviceToken.tokenId);
+  for (const p of of(T.policy)) if (p.inputs.decision !== "allow" && !isTokenPolicy(p)) v.push(`policy ${p.name} decides ${p.inputs.decision}, not allow`);
 
   const ingresses: Array<{ hostname?: string; service: string }> = configs[0]?.inputs.config?.ingresses ?? [];
   if (configs[0] && configs[0].inputs.tunnelId !== tunnel?.inputs.name) v.push("the tunnel config is not the tunnel's");
@@ -94,6 +102,18 @@ export function checkInvariant(res: Registered[]): { violations: string[]; admit
       continue;
     }
     const a = covering[0].inputs;
+    const service = rules.find((r) => r.hostname === h)!.service;
+    if (service.startsWith("ssh://")) {
+      // CI's SSH route: the host's own sshd, opened only by the service token (no person, no IdP)
+      if (!/^ssh:\/\/localhost:\d+$/.test(service)) v.push(`${h}: ssh ingress ${service} is not the host's own sshd`);
+      const pols = (a.policies ?? []) as Array<{ id: string }>;
+      const p = pols.length === 1 ? policyById.get(pols[0].id) : undefined;
+      if (!p || !isTokenPolicy(p)) v.push(`${h}: an ssh route must admit exactly one service token of this program`);
+      if (a.type !== "self_hosted" || a.domain !== h) v.push(`${h}: ssh application is not self_hosted on exactly ${h}`);
+      admits.set(h, { emails: [], domains: [] });
+      continue;
+    }
+    if (!service.startsWith("http://")) v.push(`${h}: ingress service ${service} is neither the HTTP path to Traefik nor CI's ssh`);
     if (a.type !== "self_hosted") v.push(`${h}: application type ${a.type}`);
     if (a.domain !== h) v.push(`${h}: application domain is ${a.domain}`);
     if (JSON.stringify(a.destinations) !== JSON.stringify([{ type: "public", uri: h }])) v.push(`${h}: application destinations are not exactly [public ${h}]`);

@@ -3,10 +3,11 @@
  * covering exactly that hostname, whose allow policy names who may enter) over prod and 200 generated configs;
  * who each route admits; what adding a user adds; secrets; DNS; ingress order; MFA and IdP settings.
  */
+import * as pulumi from "@pulumi/pulumi";
 import { parseConfig, ServerConfig } from "../../components/config";
-import { accessTable, audienceKey, MFA_AUTHENTICATORS, publishedRoutes, tunnelToken, workspaceDomain } from "../../components/edge";
+import { Edge, accessTable, audienceKey, MFA_AUTHENTICATORS, publishedRoutes, tunnelToken, workspaceDomain } from "../../components/edge";
 import { audienceDomains, audienceEmails, buildRoutes } from "../../components/routes";
-import { dependsOn, Registered } from "../../tools/harness";
+import { dependsOn, Registered, runUnderMocks } from "../../tools/harness";
 import { checkInvariant, GOOGLE_SECRET, randomConfig, runEdge, T } from "../helpers/edge";
 import { clone, stackRaw } from "../helpers/program";
 
@@ -327,5 +328,70 @@ describe("edge cases", () => {
     expect(root.name).toBe("edge");
     for (const r of resources.filter((x) => x.parent === root.urn)) expect(r.name.startsWith("edge-")).toBe(true);
     expect(Object.keys(accessTable(prod))).toHaveLength(18);
+  });
+});
+
+describe("CI's SSH route (cloudflare.ciSsh)", () => {
+  const withCi = (raw: Record<string, any>) => {
+    const c = clone(raw);
+    c.cloudflare.ciSsh = { hostname: "ssh" };
+    return c;
+  };
+  let res: Registered[];
+  let outputs: any;
+  beforeAll(async () => {
+    const run = await runUnderMocks(() => {
+      const edge = new Edge("edge", { config: parseConfig(withCi(stackRaw("prod"))), googleClientSecret: pulumi.secret(GOOGLE_SECRET) });
+      return { ciSsh: edge.ciSsh, secretIsSecret: pulumi.isSecret(edge.ciSsh!.clientSecret), hostnames: edge.hostnames };
+    }, {});
+    res = run.resources;
+    outputs = run.outputs;
+  });
+  const ingresses = (r: Registered[]) => r.find((x) => x.type === T.tunnelConfig)!.inputs.config.ingresses as Array<{ hostname?: string; service: string }>;
+
+  test("the invariant holds with the route: ssh.<domain> → the host's sshd, opened only by the program's own service token", () => {
+    const { violations, admits } = checkInvariant(res);
+    expect(violations).toEqual([]);
+    expect(admits.get("ssh.example.com")).toEqual({ emails: [], domains: [] });
+    const rules = ingresses(res);
+    expect(rules[rules.length - 2]).toEqual({ hostname: "ssh.example.com", service: "ssh://localhost:22" });
+    expect(rules[rules.length - 1]).toEqual({ service: "http_status:404" });
+    const tokens = res.filter((x) => x.type === T.serviceToken);
+    expect(tokens.map((t) => t.inputs.duration)).toEqual(["8760h"]);
+    const app = res.find((x) => x.name === "edge-app-ci-ssh")!;
+    const policy = res.find((x) => x.name === "edge-policy-ci")!;
+    expect(app.inputs.policies).toEqual([{ id: policy.inputs.name, precedence: 1 }]);
+    expect(policy.inputs).toMatchObject({ decision: "non_identity", includes: [{ serviceToken: { tokenId: tokens[0].inputs.name } }] });
+    expect(res.filter((x) => x.type === T.dns && x.inputs.name === "ssh.example.com")).toHaveLength(1);
+  });
+
+  test("the token's secret is a secret output, and the SSH route is not in the HTTP hostnames (local DNS, access table)", () => {
+    expect(outputs.secretIsSecret).toBe(true);
+    expect(outputs.ciSsh.hostname).toBe("ssh.example.com");
+    expect(outputs.hostnames).not.toContain("ssh.example.com");
+  });
+
+  test("adding a user keeps the CI route: the ingress list the program replaces always contains it", async () => {
+    const raw = withCi(stackRaw("prod"));
+    raw.users.push({ name: "frank", uid: 1005, email: "frank@example.com", sshKeys: raw.users[1].sshKeys, memoryGuaranteeGb: 4 });
+    const after = (await runEdge(parseConfig(raw))).resources;
+    expect(ingresses(after).map((r) => r.hostname)).toEqual(expect.arrayContaining(["ssh.example.com", "frank-code.example.com"]));
+    expect(checkInvariant(after).violations).toEqual([]);
+  });
+
+  test.each<[string, (r: Registered[]) => Registered[], RegExp]>([
+    ["the CI policy also admits an address", (r) => (r.find((x) => x.name === "edge-policy-ci")!.inputs.includes.push({ email: { email: "x@example.com" } }), r), /decides non_identity|exactly one service token/],
+    ["the CI policy on an HTTP route", (r) => (r.find((x) => x.name === "edge-app-grafana")!.inputs.policies = [{ id: r.find((x) => x.name === "edge-policy-ci")!.inputs.name, precedence: 1 }], r), /grafana.example.com: policy edge-policy-ci (includes something other|does not require)/],
+    ["an ssh route to another machine", (r) => (ingresses(r).find((x) => x.hostname === "ssh.example.com")!.service = "ssh://10.0.0.9:22", r), /not the host's own sshd/],
+  ])("the checker catches %s", (_what, f, msg) => {
+    expect(checkInvariant(f(JSON.parse(JSON.stringify(res)))).violations.join("\n")).toMatch(msg);
+  });
+
+  test("a CI hostname colliding with a service or a bad label is refused by the config", () => {
+    const c = withCi(stackRaw("prod"));
+    c.cloudflare.ciSsh.hostname = "grafana";
+    expect(() => parseConfig(c)).toThrow(/cloudflare.ciSsh.hostname: "grafana" is also used by hostnames.grafana/);
+    c.cloudflare.ciSsh.hostname = "SSH_";
+    expect(() => parseConfig(c)).toThrow(/cloudflare.ciSsh.hostname: "SSH_" is not a DNS label/);
   });
 });
