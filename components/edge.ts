@@ -25,6 +25,7 @@
  * token may edit Tunnels, DNS of the zone, and Access apps/policies/IdPs.
  */
 import * as cloudflare from "@pulumi/cloudflare";
+import * as command from "@pulumi/command";
 import * as pulumi from "@pulumi/pulumi";
 import * as random from "@pulumi/random";
 import type { ServerConfig } from "./config";
@@ -43,6 +44,23 @@ export interface CiSshAccess {
 export function ciSshService(config: ServerConfig): string {
   return `ssh://localhost:${config.host.sshPort}`;
 }
+
+/**
+ * The delete command of the tunnel's connection cleanup: Cloudflare refuses to delete a tunnel that still has
+ * connections (cloudflare/terraform-provider-cloudflare#5255) and the provider does not clean them up. Runs on the
+ * admin's machine (or CI) after the cloudflared container is gone and before the tunnel is deleted: DELETE
+ * .../cfd_tunnel/<id>/connections, with the Cloudflare provider's token (`cloudflare:apiToken`, else
+ * CLOUDFLARE_API_TOKEN). 200 (cleaned) and 404 (tunnel or connections already gone) pass; anything else fails the
+ * destroy with the API's answer, before the tunnel delete would fail less clearly.
+ */
+export const TUNNEL_CLEANUP_DELETE = [
+  'tok=${TS_CF_TOKEN:-${CLOUDFLARE_API_TOKEN:-}}',
+  '[ -n "$tok" ] || { echo "tunnel cleanup: no Cloudflare API token (cloudflare:apiToken or CLOUDFLARE_API_TOKEN)" >&2; exit 1; }',
+  'base=${TS_CF_BASE_URL:-https://api.cloudflare.com/client/v4}',
+  'out=$(mktemp); trap \'rm -f "$out"\' EXIT',
+  'code=$(curl -sS -o "$out" -w "%{http_code}" -X DELETE -H "Authorization: Bearer $tok" "$base/accounts/$TS_ACCOUNT_ID/cfd_tunnel/$TS_TUNNEL_ID/connections") || exit 1',
+  'case $code in 200|404) echo "tunnel $TS_TUNNEL_ID: connections cleaned up ($code)" ;; *) echo "tunnel cleanup: HTTP $code: $(head -c 500 "$out")" >&2; exit 1 ;; esac',
+].join("\n");
 
 export interface EdgeArgs {
   config: ServerConfig;
@@ -132,6 +150,12 @@ export class Edge extends pulumi.ComponentResource {
   readonly accessTable: Record<string, AccessEntry>;
   /** CI's SSH route, when `cloudflare.ciSsh` is set. */
   readonly ciSsh?: CiSshAccess;
+  /**
+   * The tunnel's connection cleanup (a local command whose delete clears the tunnel's connections). The cloudflared
+   * container depends on it, so a destroy stops the connector (gracefully) first, then cleans up, then deletes
+   * the tunnel.
+   */
+  readonly tunnelCleanup: command.local.Command;
 
   constructor(name: string, args: EdgeArgs, opts?: pulumi.ComponentResourceOptions) {
     super("train-server:edge:Edge", name, {}, opts);
@@ -156,6 +180,24 @@ export class Edge extends pulumi.ComponentResource {
       child,
     );
     this.tunnelId = tunnel.id;
+    const cfConfig = new pulumi.Config("cloudflare");
+    const apiToken = cfConfig.getSecret("apiToken");
+    const baseUrl = cfConfig.get("baseUrl");
+    this.tunnelCleanup = new command.local.Command(
+      `${name}-tunnel-cleanup`,
+      {
+        create: "true",
+        delete: TUNNEL_CLEANUP_DELETE,
+        interpreter: ["/bin/bash", "-c"],
+        environment: {
+          TS_ACCOUNT_ID: accountId,
+          TS_TUNNEL_ID: tunnel.id,
+          ...(apiToken ? { TS_CF_TOKEN: apiToken } : {}),
+          ...(baseUrl ? { TS_CF_BASE_URL: baseUrl } : {}),
+        },
+      },
+      { parent: this, dependsOn: [tunnel] },
+    );
     this.tunnelToken = pulumi.secret(pulumi.all([tunnel.id, tunnelSecret]).apply(([id, s]) => tunnelToken(accountId, id, s)));
 
     // --- Access: Google Workspace IdP, one policy per audience, one application per hostname ---

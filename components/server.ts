@@ -71,7 +71,7 @@ export class TrainServer extends pulumi.ComponentResource {
     this.edge = new Edge(`${name}-edge`, { config, googleClientSecret: secrets.googleClientSecret, traefikUrl }, parent);
     this.services = new SharedServices(
       `${name}-services`,
-      { config, host: this.host, routes: this.routes, tunnelToken: this.edge.tunnelToken, after: [this.baseline.ready] },
+      { config, host: this.host, routes: this.routes, tunnelToken: this.edge.tunnelToken, tunnelCleanup: this.edge.tunnelCleanup, after: [this.baseline.ready] },
       parent,
     );
     this.image = new WorkspaceImage(`${name}-workspace`, { config, provider: this.services.provider }, parent);

@@ -86,6 +86,8 @@ export interface SharedServicesArgs {
   routes: Route[];
   /** The cloudflared connector's token (a secret); without it no connector is run. */
   tunnelToken?: pulumi.Output<string>;
+  /** Deleted after the cloudflared container and before the tunnel (see Edge.tunnelCleanup). */
+  tunnelCleanup?: pulumi.Resource;
   /** Steps that must finish first (Docker installed, array mounted). */
   after?: pulumi.Resource[];
 }
@@ -325,10 +327,11 @@ export class SharedServices extends pulumi.ComponentResource {
         networkMode: "host",
         networksAdvanced: [],
         labels: [],
-        command: ["tunnel", "--no-autoupdate", "--metrics", "127.0.0.1:2000", "run"],
+        // on SIGTERM cloudflared drains for --grace-period, then closes its connections: inside the stop grace (35 s)
+        command: ["tunnel", "--no-autoupdate", "--grace-period", "30s", "--metrics", "127.0.0.1:2000", "run"],
         envs: [pulumi.interpolate`TUNNEL_TOKEN=${args.tunnelToken}`],
         healthcheck: { tests: ["CMD", "cloudflared", "tunnel", "--metrics", "localhost:2000", "ready"], interval: "30s", timeout: "5s", retries: 3 },
-      });
+      }, args.tunnelCleanup ? [args.tunnelCleanup] : []);
     }
 
     this.registerOutputs({ network: this.network.name, containers: Object.keys(this.containers) });

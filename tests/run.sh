@@ -16,7 +16,7 @@ declare -A NEED=(
   [make-bcache]=bcache-tools [fusermount3]=fuse3 [systemd-analyze]=systemd [wipefs]=util-linux
   [mkfs.ext4]=e2fsprogs [ssh]=openssh-client [setfacl]=acl [ufw]=ufw [fail2ban-client]=fail2ban [jq]=jq [sfdisk]=fdisk
   [btrbk]=btrbk [faketime]=faketime [qemu-system-x86_64]=qemu-system-x86 [cpio]=cpio [zstd]=zstd
-  [iptables]=iptables [unshare]=util-linux [ssh-keygen]=openssh-client
+  [iptables]=iptables [unshare]=util-linux [ssh-keygen]=openssh-client [curl]=curl
 )
 missing=()
 for tool in "${!NEED[@]}"; do

@@ -73,6 +73,19 @@ describe("graph of the prod stack", () => {
     }
   });
 
+  test("destroy order for a live tunnel: cloudflared stops (gracefully) first, then the connection cleanup, then the tunnel", () => {
+    const cloudflared = res.find((r) => r.type === "docker:index/container:Container" && r.inputs.name === "cloudflared")!;
+    const cleanup = res.find((r) => r.type === "command:local:Command" && r.name === "server-edge-tunnel-cleanup")!;
+    const tunnel = res.find((r) => r.type === "cloudflare:index/zeroTrustTunnelCloudflared:ZeroTrustTunnelCloudflared")!;
+    // dependents are deleted before what they depend on
+    expect(dependsOn(res, cloudflared.urn, cleanup.urn)).toBe(true);
+    expect(dependsOn(res, cleanup.urn, tunnel.urn)).toBe(true);
+    expect(cleanup.inputs.create).toBe("true");
+    expect(cleanup.inputs.delete).toContain("/cfd_tunnel/$TS_TUNNEL_ID/connections");
+    expect(cloudflared.inputs.command).toEqual(expect.arrayContaining(["--grace-period", "30s"]));
+    expect(cloudflared.inputs.destroyGraceSeconds).toBeGreaterThan(30);
+  });
+
   test("every connection pins the server's host key from config: the command provider's and the Docker provider's ssh", () => {
     const key = stackRaw("prod").host.hostKey;
     for (const c of res.filter((r) => r.type === CMD)) expect(c.inputs.connection.hostKey).toBe(key);
