@@ -63,6 +63,11 @@ const DOMAIN = /^(?=.{1,253}$)((?!-)[a-z0-9-]{1,63}(?<!-)\.)+[a-z]{2,63}$/;
 const EMAIL = /^[^\s@]+@[a-z0-9.-]+\.[a-z]{2,63}$/i;
 const IPV4 = /^((25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)$/;
 const HHMM = /^([01]\d|2[0-3]):[0-5]\d$/;
+const CHAT_ID = /^-?\d+$/;
+
+/** Days of the week, as the schedules name them. */
+export const WEEKDAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"] as const;
+export type Weekday = (typeof WEEKDAYS)[number];
 const CF_ID = /^[0-9a-f]{32}$/;
 const DEVICE = /^\/dev\/[A-Za-z0-9._/-]+$/;
 const SSH_KEY = /^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)|sk-ssh-ed25519@openssh\.com|sk-ecdsa-sha2-nistp256@openssh\.com) [A-Za-z0-9+/]+={0,3}( .*)?$/;
@@ -155,6 +160,8 @@ const userSchema = z
     cpuset: z.string().regex(CPUSET, 'must be a cpuset like "0-7" or "0-3,16-19"').optional(),
     gpus: gpuSelection.optional(),
     quotaGb: gb("quotaGb").optional(),
+    /** The user's own Telegram chat with the alert bot: idle-GPU notices go there too (the admin chat always gets them). */
+    telegramChatId: z.string().regex(CHAT_ID, "must be a numeric Telegram chat id (the user's chat with the bot)").optional(),
   })
   .strict();
 
@@ -228,17 +235,34 @@ const snapshotsSchema = z
     /** Hour (0-23) from which the day's first hourly snapshot is kept as that day's daily snapshot. */
     dailyHour: z.number().int().min(0).max(23).default(2),
     /** Day whose daily snapshot is kept as the weekly one. */
-    weeklyDay: z.enum(["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]).default("sunday"),
+    weeklyDay: z.enum(WEEKDAYS).default("sunday"),
   })
   .strict();
 
 const alertsSchema = z
   .object({
     /** Telegram chat id (negative for groups). The bot token is the secret `telegramBotToken`. */
-    telegramChatId: z.string().regex(/^-?\d+$/, "must be a numeric Telegram chat id (negative for groups)"),
+    telegramChatId: z.string().regex(CHAT_ID, "must be a numeric Telegram chat id (negative for groups)"),
     gpuTempC: z.number().int().min(40).max(110).default(80),
     fsUsedPercent: z.number().int().min(50).max(99).default(90),
     backupMaxAgeHours: z.number().int().min(1).default(26),
+    /**
+     * A user whose pinned GPUs (an index list in users[i].gpus) have been idle this many working hours in a row gets a
+     * Telegram notice, the admin a summary. Nothing is ever stopped. The count restarts each working day.
+     */
+    gpuIdleHours: z.number({ error: "must be a number of hours" }).positive().max(24).default(4),
+    /** When idle pinned GPUs count, in the server's local time. */
+    workingHours: z
+      .object({
+        days: z.array(z.enum(WEEKDAYS)).min(1, "needs at least one day").default(["monday", "tuesday", "wednesday", "thursday", "friday"]),
+        start: z.string().regex(HHMM, 'must be a time like "09:00"').default("09:00"),
+        end: z.string().regex(HHMM, 'must be a time like "18:00"').default("18:00"),
+      })
+      .strict()
+      .prefault({}),
+    /** The weekly Telegram digest (GPU hours, idle reservations, quotas, backups): day and time. */
+    digestDay: z.enum(WEEKDAYS).default("monday"),
+    digestAt: z.string().regex(HHMM, 'must be a time like "09:00"').default("09:00"),
   })
   .strict();
 
@@ -320,6 +344,8 @@ export interface UserConfig {
   quotaGb: number;
   sshPort: number;
   desktopPort: number;
+  /** The user's Telegram chat with the alert bot (idle-GPU notices), when set. */
+  telegramChatId?: string;
 }
 
 /** The validated, defaulted, frozen configuration of one server. */
@@ -635,6 +661,20 @@ function crossCheck(c: RawConfig, issues: ConfigIssue[]): void {
     add("dataSync.destination", "is the same as dataSync.source");
   if (c.dataSync?.enabled && c.dataSync.schedule === c.backup.schedule)
     add("backup.schedule", `runs at the same time as dataSync.schedule (${c.backup.schedule}); both use the uplink, schedule them apart`);
+
+  // --- GPU idle notices: the working day must hold the idle time (the count restarts each working day) ---
+  const wh = c.alerts.workingHours;
+  const seenDay = new Map<string, number>();
+  wh.days.forEach((day, i) => {
+    if (seenDay.has(day)) add(`alerts.workingHours.days[${i}]`, `duplicates alerts.workingHours.days[${seenDay.get(day)}] (${day})`);
+    else seenDay.set(day, i);
+  });
+  const minutes = (hhmm: string) => Number(hhmm.slice(0, 2)) * 60 + Number(hhmm.slice(3));
+  const dayMinutes = minutes(wh.end) - minutes(wh.start);
+  if (dayMinutes <= 0)
+    add("alerts.workingHours.end", `${wh.end} is not after alerts.workingHours.start ${wh.start}; working hours cannot span midnight`);
+  else if (c.alerts.gpuIdleHours * 60 > dayMinutes)
+    add("alerts.gpuIdleHours", `${c.alerts.gpuIdleHours} h does not fit in a working day of ${dayMinutes / 60} h (${wh.start}-${wh.end}), so no notice could ever be sent; lower it or widen alerts.workingHours`);
 }
 
 /** Apply per-user defaults and derive slot, ports, resolved GPUs. */
@@ -659,6 +699,7 @@ function resolveUser(u: RawConfig["users"][number], c: RawConfig): UserConfig {
     quotaGb: u.quotaGb ?? d.quotaGb,
     sshPort: SSH_PORT_BASE + slot,
     desktopPort: DESKTOP_PORT_BASE + slot,
+    ...(u.telegramChatId !== undefined ? { telegramChatId: u.telegramChatId } : {}),
   };
 }
 

@@ -1,7 +1,8 @@
 /**
  * Operations: snapshots (btrbk), restic backups to the Drive with monthly restore verification, monthly scrub,
- * the Drive mount, the GCS → Drive data sync, the per-user usage collector, Prometheus alert rules and
- * alertmanager.yml — all rendered by components/render/ops.ts and installed by host-scripts/ops-install.sh.
+ * the Drive mount, the GCS → Drive data sync, the per-user usage collector, on GPU hosts the per-user GPU ledger and
+ * its idle notices, the weekly digest, Prometheus alert rules and alertmanager.yml — all rendered by
+ * components/render/ops.ts and installed by host-scripts/ops-install.sh.
  *
  * The restic password is generated here (a secret, exported so the admin can keep it offline). The step
  * carries secret files (restic password, rclone config, alertmanager.yml with the bot token), so its whole
@@ -10,7 +11,7 @@
 import * as pulumi from "@pulumi/pulumi";
 import * as random from "@pulumi/random";
 import { SHARED_GID } from "./baseline";
-import type { Profile, ServerConfig, ServerSecrets } from "./config";
+import type { Profile, ServerConfig, ServerSecrets, Weekday } from "./config";
 import { Host, HostScript } from "./host";
 import { driveCacheSizeGb, HOST_ALERTMANAGER_DIR, HOST_RULES_DIR, loadOpsScripts, opsEnabledUnits, opsFilesDir, OpsParams, renderOperations } from "./render/ops";
 
@@ -50,6 +51,25 @@ export function arrayUsableGb(config: ServerConfig, deviceBytes: string): number
   return Math.floor((raw * profileEfficiency(config.storage.dataProfile, sizes.length)) / 2 ** 30);
 }
 
+/** OnCalendar of a weekly job: ("monday", "09:00") -> "Mon *-*-* 09:00:00". */
+export function weeklyOnCalendar(day: Weekday, at: string): string {
+  return `${day[0].toUpperCase()}${day.slice(1, 3)} *-*-* ${at}:00`;
+}
+
+/** The GPU ledger's part of the Operations parameters (undefined on a host without GPUs). */
+export function gpuLedgerParams(config: ServerConfig): OpsParams["gpuLedger"] {
+  if (config.host.gpu.count === 0) return undefined;
+  const a = config.alerts;
+  return {
+    idleHours: a.gpuIdleHours,
+    workingHours: { days: [...a.workingHours.days], start: a.workingHours.start, end: a.workingHours.end },
+    userChats: [...config.users]
+      .sort((x, y) => x.uid - y.uid)
+      .filter((u) => u.telegramChatId !== undefined)
+      .map((u) => ({ user: u.name, chatId: Number(u.telegramChatId) })),
+  };
+}
+
 /** The Operations renderer's parameters from a config (pure; secrets and cache size passed in). */
 export function opsParams(config: ServerConfig, cacheSizeGb: number, secrets: { resticPassword: string; rcloneConfig: string; telegramBotToken: string }): OpsParams {
   const mp = config.storage.mountpoint;
@@ -57,7 +77,7 @@ export function opsParams(config: ServerConfig, cacheSizeGb: number, secrets: { 
   const day = (d: number) => String(d).padStart(2, "0");
   return {
     mountpoint: mp,
-    users: [...config.users].sort((a, b) => a.uid - b.uid).map((u) => ({ name: u.name, uid: u.uid, quotaGb: u.quotaGb })),
+    users: [...config.users].sort((a, b) => a.uid - b.uid).map((u) => ({ name: u.name, uid: u.uid, quotaGb: u.quotaGb, gpus: u.gpus })),
     quotaWarnPercent: config.resources.quotaWarnPercent,
     snapshots: {
       hourly: config.snapshots.hourly,
@@ -96,6 +116,8 @@ export function opsParams(config: ServerConfig, cacheSizeGb: number, secrets: { 
       telegramChatId: Number(config.alerts.telegramChatId),
       telegramBotToken: secrets.telegramBotToken,
     },
+    ...(config.host.gpu.count > 0 ? { gpuLedger: gpuLedgerParams(config) } : {}),
+    digest: { schedule: weeklyOnCalendar(config.alerts.digestDay, config.alerts.digestAt) },
     textfileDir: TEXTFILE_DIR,
     secrets: { resticPassword: secrets.resticPassword, rcloneConfig: secrets.rcloneConfig },
   };
@@ -130,7 +152,7 @@ export class Operations extends pulumi.ComponentResource {
         : pulumi.output(cfgCache);
 
     const scripts = loadOpsScripts();
-    const units = opsEnabledUnits({ ...(config.dataSync?.enabled ? { dataSync: config.dataSync } : {}) });
+    const units = opsEnabledUnits({ ...(config.dataSync?.enabled ? { dataSync: config.dataSync } : {}), gpuLedger: gpuLedgerParams(config) });
     // the file names of the step are fixed by the (non-secret) layout: render once with placeholders for the keys
     const layout = opsFilesDir(renderOperations(opsParams(config, 1, { resticPassword: "-", rcloneConfig: "-", telegramBotToken: "0:layout" }), scripts), units);
     const rendered = pulumi

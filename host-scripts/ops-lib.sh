@@ -9,6 +9,7 @@
 #   train_server_task_last_success_timestamp_seconds{task="T"}  end of the last successful run (kept across failures)
 #   train_server_task_duration_seconds{task="T"}
 # plus what the task adds with `metric`. (Label `task`, not `job`: `job` is Prometheus' own target label.)
+# A metric named *_total is typed counter (the Prometheus naming rule), every other one gauge.
 
 OPS_TASK=
 OPS_STARTED=0
@@ -35,12 +36,14 @@ ops_start() {
 }
 
 ops_write_metrics() {
-  local file=$TS_TEXTFILE_DIR/train_server_${OPS_TASK}.prom tmp name
+  local file=$TS_TEXTFILE_DIR/train_server_${OPS_TASK}.prom tmp name type
   mkdir -p "$TS_TEXTFILE_DIR"
   tmp=$(mktemp "$TS_TEXTFILE_DIR/.train_server_${OPS_TASK}.XXXXXX")
   {
     for name in "${OPS_METRIC_NAMES[@]}"; do
-      printf '# HELP %s train-server ops metric (host-scripts/ops-lib.sh).\n# TYPE %s gauge\n' "$name" "$name"
+      type=gauge
+      [[ $name == *_total ]] && type=counter
+      printf '# HELP %s train-server ops metric (host-scripts/ops-lib.sh).\n# TYPE %s %s\n' "$name" "$name" "$type"
       printf '%s' "${OPS_METRIC_LINES[$name]}"
     done
   } >"$tmp"

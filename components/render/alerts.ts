@@ -11,9 +11,11 @@
  *     (label `task`, not `job`: `job` is Prometheus' own target label);
  *   - SMART: Debian/Ubuntu prometheus-node-exporter-collectors' smartmon.sh (smartmon_device_smart_healthy{disk});
  *   - GPU: NVIDIA's dcgm-exporter (DCGM_FI_DEV_GPU_TEMP{gpu,UUID}, degrees C);
- *   - node-exporter: node_vmstat_oom_kill, node_filesystem_{avail,size}_bytes.
+ *   - node-exporter: node_vmstat_oom_kill, node_filesystem_{avail,size}_bytes;
+ *   - on GPU hosts, the GPU ledger (host-scripts/gpu-ledger.sh): its rules and idle notices are in ./gpu.ts.
  */
 import YAML from "yaml";
+import { GpuAlertParams, gpuNoticeRouting, gpuRules } from "./gpu";
 
 export interface AlertParams {
   /** GPU temperature threshold, degrees C (alert after 5 minutes above). */
@@ -35,13 +37,16 @@ export interface AlertParams {
   driveMountpoint: string;
   /** Whether the data sync job exists (its alert is rendered only then). Default true. */
   dataSyncEnabled?: boolean;
+  /** GPU hosts: the ledger's rules, the idle notices and their routes (omit on a host without GPUs). */
+  gpu?: GpuAlertParams;
 }
 
 export interface AlertRule {
   alert: string;
   expr: string;
   for?: string;
-  labels: { severity: "critical" | "warning"; family: string };
+  /** `info`: a notice (idle GPUs), never paged as a problem. */
+  labels: { severity: "critical" | "warning" | "info"; family: string };
   annotations: { summary: string; description: string };
 }
 
@@ -175,18 +180,23 @@ export function alertRules(p: AlertParams): AlertRule[] {
   return rules;
 }
 
-/** The rule file (promtool check rules). */
+/** The rule file (promtool check rules): the ops alerts, and on GPU hosts the ledger's group. */
 export function renderAlertRules(p: AlertParams): string {
-  return (
-    "# Rendered by train-server (components/render/alerts.ts).\n" +
-    YAML.stringify({ groups: [{ name: "train-server-ops", rules: alertRules(p) }] }, { lineWidth: 0 })
-  );
+  const groups: object[] = [{ name: "train-server-ops", rules: alertRules(p) }];
+  if (p.gpu) {
+    const g = gpuRules(p.gpu);
+    groups.push({ name: "train-server-gpu", rules: [...g.recording, ...g.alerts] });
+  }
+  return "# Rendered by train-server (components/render/alerts.ts).\n" + YAML.stringify({ groups }, { lineWidth: 0 });
 }
 
 /** Labels that identify "the same thing" for inhibition (absent on both sides counts as equal). */
 export const INHIBIT_EQUAL = ["family", "instance", "user", "mountpoint", "device", "disk", "gpu"];
 
-/** alertmanager.yml: everything to Telegram, grouped by alertname; critical repeats every 4 h, warning every 24 h. */
+/**
+ * alertmanager.yml: everything to Telegram, grouped by alertname; critical repeats every 4 h, warning every 24 h; on
+ * GPU hosts idle notices (severity info) also go to the user's own chat (see gpuNoticeRouting).
+ */
 export function renderAlertmanagerConfig(p: AlertParams): string {
   if (!Number.isInteger(p.telegramChatId)) throw new Error("alerts.telegramChatId must be an integer");
   if (!/^\d+:[A-Za-z0-9_-]+$/.test(p.telegramBotToken)) throw new Error("alerts.telegramBotToken does not look like <id>:<secret>");
@@ -197,6 +207,7 @@ export function renderAlertmanagerConfig(p: AlertParams): string {
     send_resolved: true,
   };
   if (p.telegramApiUrl) telegram.api_url = p.telegramApiUrl;
+  const notices = p.gpu ? gpuNoticeRouting(p.gpu, telegram) : { routes: [], receivers: [] };
   const cfg = {
     route: {
       receiver: "telegram",
@@ -205,12 +216,13 @@ export function renderAlertmanagerConfig(p: AlertParams): string {
       group_interval: "5m",
       repeat_interval: "24h",
       routes: [
+        ...notices.routes,
         { receiver: "telegram", matchers: ['severity="critical"'], repeat_interval: "4h" },
         { receiver: "telegram", matchers: ['severity="warning"'], repeat_interval: "24h" },
       ],
     },
     inhibit_rules: [{ source_matchers: ['severity="critical"'], target_matchers: ['severity="warning"'], equal: INHIBIT_EQUAL }],
-    receivers: [{ name: "telegram", telegram_configs: [telegram] }],
+    receivers: [{ name: "telegram", telegram_configs: [telegram] }, ...notices.receivers],
   };
   return "# Rendered by train-server (components/render/alerts.ts). Holds the bot token: keep 0640.\n" + YAML.stringify(cfg, { lineWidth: 0 });
 }

@@ -9,10 +9,12 @@
  *   the timers. Each timer starts `ts-<job>.service`, which runs `<scriptDir>/<job>.sh apply` with
  *   EnvironmentFile=<configDir>/ops.env (TS_* variables, see `renderOpsEnv`; no secret in it, only paths to the
  *   root-only secret files). Every job writes `<textfileDir>/train_server_<job>.prom` atomically.
+ *   On GPU hosts ts-gpu-ledger (every minute) accounts GPU time to users; ts-weekly-digest sends the weekly digest.
  */
 import * as fs from "fs";
 import * as path from "path";
 import { renderAlertmanagerConfig, renderAlertRules, AlertParams } from "./alerts";
+import { GpuAlertParams, gpuUsersEnv } from "./gpu";
 
 export interface OpsUser {
   /** Login name (also the directory name under homes/, workspaces/, docker-volumes/). */
@@ -20,6 +22,8 @@ export interface OpsUser {
   uid: number;
   /** Soft quota over home + workspace + docker-volumes, in GiB (2^30 bytes, like `btrfs qgroup limit 1000G`). */
   quotaGb: number;
+  /** GPUs the user may use: "all" (the shared pool, default) or pinned indexes ([] = none). */
+  gpus?: "all" | number[];
 }
 
 export interface OpsParams {
@@ -89,7 +93,17 @@ export interface OpsParams {
     /** "copy" (never deletes at the destination, default) or "sync" (makes the destination identical). */
     mode?: "copy" | "sync";
   };
-  alerts: Omit<AlertParams, "mountpoint" | "driveMountpoint" | "quotaWarnPercent">;
+  alerts: Omit<AlertParams, "mountpoint" | "driveMountpoint" | "quotaWarnPercent" | "gpu">;
+  /**
+   * GPU hosts: the GPU ledger job (host-scripts/gpu-ledger.sh), its rules and the idle notices (omit: no GPUs).
+   * `schedule` default "minutely"; `maxGapSeconds` (a longer pause between runs counts as this long) default 180.
+   */
+  gpuLedger?: GpuAlertParams & { schedule?: string; maxGapSeconds?: number };
+  /**
+   * The weekly digest to the admin chat: `schedule` (OnCalendar, default "Mon *-*-* 09:00:00"); `prometheusUrl`
+   * (default "": the prometheus container's address on its Docker network).
+   */
+  digest?: { schedule?: string; prometheusUrl?: string };
   /** node-exporter textfile collector directory. Default /var/lib/prometheus/node-exporter. */
   textfileDir: string;
   /** Per-user usage directories relative to the mountpoint, "{user}" replaced. Default homes, workspaces, docker-volumes. */
@@ -138,6 +152,9 @@ export const OPS_JOB_SCRIPTS = [
   "scrub.sh",
   "usage-collector.sh",
   "data-sync.sh",
+  "gpu-ledger.sh",
+  "weekly-digest.sh",
+  "weekly-digest.jq",
 ] as const;
 export type OpsScripts = Record<(typeof OPS_JOB_SCRIPTS)[number], string>;
 
@@ -189,8 +206,10 @@ export function btrbkPreserve(s: { hourly: number; daily: number; weekly: number
 const SAFE_REL = /^[A-Za-z0-9._-]+(\/[A-Za-z0-9._*-]+)*$/;
 const SAFE_ABS = /^\/[A-Za-z0-9._\/-]*$/;
 const SAFE_WORD = /^[A-Za-z0-9._:\/@%+=,-]*$/;
+const URL_RE = /^https?:\/\/[A-Za-z0-9.-]+(:\d+)?(\/[A-Za-z0-9._\/-]*)?$/;
 
-function check(re: RegExp, what: string, v: string): string {
+function check(re: RegExp, what: string, v: string, emptyOk = false): string {
+  if (emptyOk && v === "") return v;
   if (!re.test(v) || v.includes("..")) throw new Error(`${what}: unsafe value ${JSON.stringify(v)}`);
   return v;
 }
@@ -275,7 +294,18 @@ export function renderOpsEnv(p: OpsParams): string {
     TS_USERS: p.users.map((u) => `${u.name}:${Math.round(u.quotaGb * 1024 ** 3)}`).join(" "),
     TS_USAGE_DIRS: d.usageDirs.join(" "),
     TS_DRIVE_MOUNTPOINT: check(SAFE_ABS, "drive.mountpoint", p.drive.mountpoint),
+    TS_QUOTA_WARN_PERCENT: String(p.quotaWarnPercent),
+    TS_TELEGRAM_CHAT_ID: check(/^-?\d+$/, "alerts.telegramChatId", String(p.alerts.telegramChatId)),
+    TS_TELEGRAM_API_URL: check(URL_RE, "alerts.telegramApiUrl", p.alerts.telegramApiUrl ?? "https://api.telegram.org"),
+    TS_TELEGRAM_BOT_TOKEN_FILE: `${d.configDir}/telegram-bot-token`,
+    TS_PROMETHEUS_URL: check(URL_RE, "digest.prometheusUrl", p.digest?.prometheusUrl ?? "", true),
   };
+  if (p.gpuLedger) {
+    env.TS_GPU_USERS = gpuUsersEnv(p.users);
+    const gap = p.gpuLedger.maxGapSeconds ?? 180;
+    if (!Number.isInteger(gap) || gap < 1) throw new Error(`gpuLedger.maxGapSeconds must be a positive integer (got ${gap})`);
+    env.TS_GPU_LEDGER_MAX_GAP = String(gap);
+  }
   if (p.dataSync) {
     env.TS_SYNC_SOURCE = check(SAFE_WORD, "dataSync.source", p.dataSync.source);
     env.TS_SYNC_DESTINATION = check(SAFE_WORD, "dataSync.destination", p.dataSync.destination);
@@ -379,6 +409,8 @@ export const OPS_UNITS = {
   scrub: "ts-scrub",
   usage: "ts-usage-collector",
   dataSync: "ts-data-sync",
+  gpuLedger: "ts-gpu-ledger",
+  digest: "ts-weekly-digest",
   drive: "ts-drive-mount.service",
 } as const;
 
@@ -399,11 +431,13 @@ export function renderOperations(p: OpsParams, scripts: OpsScripts): Record<stri
   };
   const onArray = { unit: [`RequiresMountsFor=${p.mountpoint}`] };
 
-  for (const name of OPS_JOB_SCRIPTS) put(`${d.scriptDir}/${name}`, scripts[name], name.endsWith("lib.sh") ? "0644" : "0755");
+  for (const name of OPS_JOB_SCRIPTS) put(`${d.scriptDir}/${name}`, scripts[name], name.endsWith(".sh") && !name.endsWith("lib.sh") ? "0755" : "0644");
   put(env, renderOpsEnv(p), "0644");
   put(`${d.configDir}/btrbk.conf`, renderBtrbkConf(p));
   put(`${d.configDir}/restic-password`, p.secrets.resticPassword, "0600", "root:root", true);
   put(`${d.configDir}/rclone.conf`, p.secrets.rcloneConfig, "0600", "root:root", true);
+  // the digest's copy of the bot token (alertmanager.yml holds the other: Alertmanager 0.25 has no bot_token_file)
+  put(`${d.configDir}/telegram-bot-token`, p.alerts.telegramBotToken, "0600", "root:root", true);
 
   job(OPS_UNITS.snapshot, "snapshot.sh", "btrfs snapshots (btrbk)", "hourly", onArray);
   job(OPS_UNITS.backup, "backup.sh", "restic backup to Google Drive", toOnCalendar(p.backup.schedule), {
@@ -420,6 +454,10 @@ export function renderOperations(p: OpsParams, scripts: OpsScripts): Record<stri
       unit: ["Wants=network-online.target", "After=network-online.target"],
     });
   }
+  if (p.gpuLedger) job(OPS_UNITS.gpuLedger, "gpu-ledger.sh", "per-user GPU ledger (who uses which GPU)", p.gpuLedger.schedule ?? "minutely");
+  job(OPS_UNITS.digest, "weekly-digest.sh", "weekly Telegram digest", p.digest?.schedule ?? "Mon *-*-* 09:00:00", {
+    unit: ["Wants=network-online.target", "After=network-online.target"],
+  });
   put(`${d.unitDir}/${OPS_UNITS.drive}`, renderDriveMountUnit(p));
 
   const alertParams: AlertParams = {
@@ -428,6 +466,7 @@ export function renderOperations(p: OpsParams, scripts: OpsScripts): Record<stri
     driveMountpoint: p.drive.mountpoint,
     quotaWarnPercent: p.quotaWarnPercent,
     dataSyncEnabled: p.dataSync !== undefined,
+    ...(p.gpuLedger ? { gpu: { idleHours: p.gpuLedger.idleHours, workingHours: p.gpuLedger.workingHours, userChats: p.gpuLedger.userChats } } : {}),
   };
   put(d.rulesPath, renderAlertRules(alertParams));
   put(d.alertmanagerPath, renderAlertmanagerConfig(alertParams), "0640", p.alertmanagerOwner ?? "root:65534", true);
@@ -435,9 +474,11 @@ export function renderOperations(p: OpsParams, scripts: OpsScripts): Record<stri
 }
 
 /** Timers ops-install.sh enables (and the mount service), in the order it starts them. */
-export function opsEnabledUnits(p: Pick<OpsParams, "dataSync">): string[] {
+export function opsEnabledUnits(p: Pick<OpsParams, "dataSync" | "gpuLedger">): string[] {
   const timers: string[] = [OPS_UNITS.snapshot, OPS_UNITS.backup, OPS_UNITS.verify, OPS_UNITS.scrub, OPS_UNITS.usage];
   if (p.dataSync) timers.push(OPS_UNITS.dataSync);
+  if (p.gpuLedger) timers.push(OPS_UNITS.gpuLedger);
+  timers.push(OPS_UNITS.digest);
   return [OPS_UNITS.drive, ...timers.map((t) => `${t}.timer`)];
 }
 

@@ -110,7 +110,10 @@ function dashboard(uid: string, title: string, panels: Panel[]): string {
   );
 }
 
-/** The provisioned dashboards (file name → JSON): host, containers (per user), and GPU on GPU hosts. */
+/**
+ * The provisioned dashboards (file name → JSON): host, containers (per user), and on GPU hosts the GPUs and "who uses
+ * which GPU" (the GPU ledger's series and recording rules, components/render/gpu.ts).
+ */
 export function renderGrafanaDashboards(p: { mountpoint: string; gpu: boolean }): Record<string, string> {
   const mp = p.mountpoint;
   const boards: Record<string, string> = {
@@ -133,6 +136,14 @@ export function renderGrafanaDashboards(p: { mountpoint: string; gpu: boolean })
       { title: "GPU temperature", expr: "DCGM_FI_DEV_GPU_TEMP", unit: "celsius", legend: "GPU {{gpu}}" },
       { title: "GPU memory used", expr: "DCGM_FI_DEV_FB_USED * 1024 * 1024", unit: "bytes", legend: "GPU {{gpu}}" },
       { title: "GPU power", expr: "DCGM_FI_DEV_POWER_USAGE", unit: "watt", legend: "GPU {{gpu}}" },
+  ]);
+  boards["gpu-users.json"] = dashboard("ts-gpu-users", "Who uses which GPU", [
+    { title: "GPU busy by user", expr: "train_server:gpu_user_busy_ratio:rate5m", unit: "percentunit", legend: "{{user}} on GPU {{gpu}}" },
+    { title: "GPU memory held by user", expr: "sum by (user, gpu) (train_server_gpu_user_memory_bytes)", unit: "bytes", legend: "{{user}} on GPU {{gpu}}" },
+    { title: "GPU hours per user (last 7 days)", expr: "sum by (user) (increase(train_server_gpu_user_busy_seconds_total[7d])) / 3600", unit: "h", legend: "{{user}}" },
+    { title: "Peak GPU memory by user (1 h)", expr: "train_server:gpu_user_memory_peak_bytes:max1h", unit: "bytes", legend: "{{user}} on GPU {{gpu}}" },
+    { title: "Pinned GPUs idle in working hours", expr: "train_server:gpu_reservation_idle_working", unit: "short", legend: "{{user}}: GPU {{gpu}}" },
+    { title: "Working hours", expr: "train_server:working_hours", unit: "short", legend: "working hours" },
   ]);
   return boards;
 }

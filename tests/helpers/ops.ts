@@ -41,3 +41,23 @@ export function writeFiles(root: string, files: Record<string, HostFile>): void 
     fs.chmodSync(dest, parseInt(f.mode, 8));
   }
 }
+
+/**
+ * A GPU host's params: alice has GPU 0 pinned (and her own Telegram chat), bob uses the shared pool (all), carol
+ * has none; idle notices after 4 working hours, Mon-Fri 09:00-18:00.
+ */
+export function exampleGpuOpsParams(over: Partial<OpsParams> = {}): OpsParams {
+  return exampleOpsParams({
+    users: [
+      { name: "alice", uid: 2001, quotaGb: 1000, gpus: [0] },
+      { name: "bob", uid: 2002, quotaGb: 1000, gpus: "all" },
+      { name: "carol", uid: 2003, quotaGb: 1000, gpus: [] },
+    ],
+    gpuLedger: {
+      idleHours: 4,
+      workingHours: { days: ["monday", "tuesday", "wednesday", "thursday", "friday"], start: "09:00", end: "18:00" },
+      userChats: [{ user: "alice", chatId: 111222333 }],
+    },
+    ...over,
+  });
+}

@@ -40,7 +40,7 @@ describe("systemd units", () => {
     expect(units.map((u) => path.basename(u)).sort()).toEqual([
       "ts-backup.service", "ts-backup.timer", "ts-data-sync.service", "ts-data-sync.timer", "ts-drive-mount.service",
       "ts-scrub.service", "ts-scrub.timer", "ts-snapshot.service", "ts-snapshot.timer", "ts-usage-collector.service",
-      "ts-usage-collector.timer", "ts-verify-restore.service", "ts-verify-restore.timer",
+      "ts-usage-collector.timer", "ts-verify-restore.service", "ts-verify-restore.timer", "ts-weekly-digest.service", "ts-weekly-digest.timer",
     ]);
     const r = run("systemd-analyze", ["verify", ...units]);
     expect(r.out).toBe("");
@@ -59,7 +59,7 @@ describe("systemd units", () => {
     const cals = Object.entries(files)
       .filter(([p]) => p.endsWith(".timer"))
       .map(([p, f]) => [path.basename(p), /^OnCalendar=(.*)$/m.exec(f.content)![1]] as const);
-    expect(cals.length).toBe(6);
+    expect(cals.length).toBe(7);
     for (const [, cal] of cals) expect(run("systemd-analyze", ["calendar", cal]).status).toBe(0);
     const normalized = (cal: string) => /Normalized form: (.*)/.exec(sh("systemd-analyze", ["calendar", cal]))![1].trim();
     const byTimer = Object.fromEntries(cals);
@@ -67,6 +67,7 @@ describe("systemd units", () => {
     expect(normalized(byTimer["ts-data-sync.timer"])).toBe("*-*-* 04:00:00");
     expect(normalized(byTimer["ts-verify-restore.timer"])).toBe("*-*-01 08:00:00");
     expect(normalized(byTimer["ts-snapshot.timer"])).toBe("*-*-* *:00:00");
+    expect(normalized(byTimer["ts-weekly-digest.timer"])).toBe("Mon *-*-* 09:00:00");
     expect(run("systemd-analyze", ["calendar", "*-*-32 06:00"]).status).not.toBe(0); // control
   });
 });

@@ -87,9 +87,9 @@ describe("Grafana provisioning", () => {
     expect(ds.datasources).toEqual([expect.objectContaining({ type: "prometheus", uid: "prometheus", url: "http://prometheus:9090", isDefault: true })]);
     const prov = YAML.parse(renderGrafanaDashboardProvider());
     expect(prov.providers).toEqual([expect.objectContaining({ type: "file", options: { path: "/var/lib/grafana/dashboards" } })]);
-    expect(dashboards.map((x) => x.file).sort()).toEqual(["containers.json", "gpu.json", "node.json"]);
+    expect(dashboards.map((x) => x.file).sort()).toEqual(["containers.json", "gpu-users.json", "gpu.json", "node.json"]);
     expect(new Set(dashboards.map((x) => x.d.uid)).size).toBe(dashboards.length);
-    expect(panels.length).toBe(12);
+    expect(panels.length).toBe(18);
     for (const p of panels) expect([p.file, p.title, p.datasource.uid]).toEqual([p.file, p.title, ds.datasources[0].uid]);
   });
 

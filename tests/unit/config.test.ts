@@ -92,6 +92,15 @@ const BAD: Case[] = [
   ["a truncated host key", (c) => (c.host.hostKey = c.host.hostKey.slice(0, 60)), "host.hostKey", /not 32 bytes|not a ssh-ed25519 key/],
   ["a host key whose blob is of another type", (c) => (c.host.hostKey = `ecdsa-sha2-nistp256 ${c.host.hostKey.split(" ")[1]}`), "host.hostKey", /not a ecdsa-sha2-nistp256 key/],
   ["a host key that is a user's public key type name only", (c) => (c.host.hostKey = "ssh-ed25519"), "host.hostKey", /no base64 key/],
+  ["GPU idle hours not positive", (c) => (c.alerts.gpuIdleHours = 0), "alerts.gpuIdleHours", /0|positive|Too small/],
+  ["GPU idle hours longer than the working day", (c) => (c.alerts.gpuIdleHours = 10), "alerts.gpuIdleHours", /does not fit in a working day of 9 h/],
+  ["working hours ending before they start", (c) => (c.alerts.workingHours = { start: "18:00", end: "09:00" }), "alerts.workingHours.end", /not after alerts\.workingHours\.start/],
+  ["working hours start not HH:MM", (c) => (c.alerts.workingHours = { start: "9am" }), "alerts.workingHours.start", /time like/],
+  ["working day misspelt", (c) => (c.alerts.workingHours = { days: ["monday", "tusday"] }), "alerts.workingHours.days[1]", /monday|Invalid option/],
+  ["working day listed twice", (c) => (c.alerts.workingHours = { days: ["monday", "monday"] }), "alerts.workingHours.days[1]", /duplicates alerts\.workingHours\.days\[0\]/],
+  ["no working days", (c) => (c.alerts.workingHours = { days: [] }), "alerts.workingHours.days", /at least one day/],
+  ["digest day not a weekday", (c) => (c.alerts.digestDay = "mon"), "alerts.digestDay", /monday|Invalid option/],
+  ["user's telegram chat id not numeric", (c) => (c.users[1].telegramChatId = "@bob"), "users[1].telegramChatId", /numeric Telegram chat id/],
 ];
 
 describe("config: bad values are rejected with the field's path and a fix", () => {
@@ -206,6 +215,19 @@ describe("config: defaults live in the schema", () => {
     const reversed = parseConfig(c);
     const eve = reversed.users.find((u) => u.name === "eve")!;
     expect(eve).toMatchObject({ uid: 1004, slot: 4, sshPort: 2226, desktopPort: 4004, gpus: "all" });
+  });
+  test("GPU idle notices and the digest: 4 working hours, Mon-Fri 09:00-18:00, digest Monday 09:00", () => {
+    expect(minimal.alerts).toMatchObject({
+      gpuIdleHours: 4,
+      workingHours: { days: ["monday", "tuesday", "wednesday", "thursday", "friday"], start: "09:00", end: "18:00" },
+      digestDay: "monday",
+      digestAt: "09:00",
+    });
+    const c = clone(stackRaw("prod"));
+    c.users[1].telegramChatId = "123456789";
+    const parsed = parseConfig(c);
+    expect(parsed.users[1].telegramChatId).toBe("123456789");
+    expect(parsed.users[0]).not.toHaveProperty("telegramChatId");
   });
   test("every profile has a documented minimum device count", () => {
     for (const p of PROFILES) expect(MIN_DEVICES[p]).toBeGreaterThanOrEqual(1);
