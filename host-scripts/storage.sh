@@ -212,6 +212,20 @@ refuse_if_problems() {
 
 # ------------------------------------------------------------------------------------------------ steps
 # step DESCRIPTION CMD...: apply runs CMD and counts a change; check only reports what apply would do.
+# layout_mode SUBVOLUME: the mode train-server keeps on a top directory of the layout ("" = not managed here)
+layout_mode() {
+  case $1 in
+    homes | workspaces | docker-volumes) echo 711 ;;
+    snapshots) echo 700 ;;
+    cache) echo 755 ;;
+  esac
+}
+
+# make_subvolume PATH MODE: a new subvolume, with MODE if given
+make_subvolume() {
+  btrfs -q subvolume create "$1" && if [[ -n $2 ]]; then chmod "$2" "$1"; fi
+}
+
 step() {
   local desc=$1
   shift
@@ -415,8 +429,16 @@ fs_converge() {
     fi
   fi
   # 5. subvolumes (never deleted here: an unlisted one is kept with its data) and quotas
+  # with the modes of the layout's top directories set explicitly (the step runs under umask 077, and an adopted
+  # array may differ): each user must traverse into their own home and workspace (sshd reads ~/.ssh as the user)
+  # without listing the others' (0711); snapshots are root's; the cache parent is readable (children: baseline.sh)
   for sv in "${SUBVOLS[@]}"; do
-    [[ -e $MP/$sv ]] || step "create subvolume $MP/$sv" btrfs -q subvolume create "$MP/$sv"
+    want=$(layout_mode "$sv")
+    if [[ ! -e $MP/$sv ]]; then
+      step "create subvolume $MP/$sv${want:+ (mode $want)}" make_subvolume "$MP/$sv" "$want"
+    elif [[ -n $want && $(stat -c %a "$MP/$sv") != "$want" ]]; then
+      step "mode $want on $MP/$sv" chmod "$want" "$MP/$sv"
+    fi
   done
   btrfs qgroup show "$MP" >/dev/null 2>&1 || step "enable quotas on $MP" btrfs quota enable "$MP"
   # 6. profile conversion, last: it can take hours, and the array is usable meanwhile

@@ -30,7 +30,7 @@ export interface RemoteCommand {
   delete?: string;
   stdin?: string;
   triggers?: unknown[];
-  connection: { host: string; port?: number; user?: string; privateKey?: string };
+  connection: { host: string; port?: number; user?: string; privateKey?: string; hostKey?: string };
   protect: boolean;
   retainOnDelete: boolean;
   /** URNs of the commands it waits for. */
@@ -141,7 +141,7 @@ export class Replayer {
       this.keys.set(key, keyFile);
     }
     const t0 = Date.now();
-    const r = sshRun({ host: c.connection.host, port: c.connection.port ?? 22, user: c.connection.user ?? "root", keyFile }, line, input);
+    const r = sshRun({ host: c.connection.host, port: c.connection.port ?? 22, user: c.connection.user ?? "root", keyFile, hostKey: c.connection.hostKey }, line, input);
     return { ...r, name: c.name, op, ms: Date.now() - t0, results: parseResults(r.stdout) };
   }
 

@@ -55,6 +55,12 @@ export class Rig {
   leader = 0;
   private readonly keyFile: string;
 
+  /** The rig's sshd ed25519 host key (`ssh-ed25519 AAAA...`): what the stack's host.hostKey pins. */
+  get hostKey(): string {
+    const [type, b64] = fs.readFileSync(path.join(this.root, "etc", "ssh", "ssh_host_ed25519_key.pub"), "utf8").trim().split(/\s+/);
+    return `${type} ${b64}`;
+  }
+
   private constructor(f: { address: string; lanCidr: string; devices: string[]; privateKey: string; publicKey: string; root: string; keyFile: string }) {
     this.address = f.address;
     this.lanCidr = f.lanCidr;
@@ -164,19 +170,24 @@ export interface SshTarget {
   port: number;
   user: string;
   keyFile: string;
+  /** The connection's pinned host key (`connection.hostKey`): verified as the command provider does. */
+  hostKey?: string;
 }
 
 /**
  * One non-interactive SSH session running `command` (by the remote login shell) with `input` on stdin — what
- * the Pulumi command provider does for a `command.remote.Command`. Like the provider, it does not verify the
- * host key (a rig's key is new every time).
+ * the Pulumi command provider does for a `command.remote.Command`. Like the provider, it verifies the host key
+ * only when the connection pins one (`hostKey`), and then accepts no other (the same options as dockerSshOpts).
  */
 export function sshRun(t: SshTarget, command: string, input?: string, timeoutMs = 600_000): ExecResult {
   const r = spawnSync(
     "ssh",
     [
       "-T", "-i", t.keyFile, "-p", String(t.port),
-      "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+      "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "UserKnownHostsFile=/dev/null", "-o", "GlobalKnownHostsFile=/dev/null",
+      ...(t.hostKey
+        ? ["-o", "StrictHostKeyChecking=yes", "-o", `KnownHostsCommand=/bin/echo * ${t.hostKey}`, "-o", `HostKeyAlgorithms=${t.hostKey.split(" ")[0]}`]
+        : ["-o", "StrictHostKeyChecking=no"]),
       "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10",
       `${t.user}@${t.host}`, command,
     ],

@@ -4,6 +4,7 @@
  * (tests/helpers/replay.ts): up, a second up, the prod protections, destroy. Asserts what an admin would check
  * on the server after each. Docker/Cloudflare/random resources cannot run here and are listed as skipped.
  */
+import { spawnSync } from "child_process";
 import * as fs from "fs";
 import { Scratch } from "../helpers/host";
 import { clone, stackRaw, TEST_SECRETS } from "../helpers/program";
@@ -57,7 +58,8 @@ describe("RIG REPLAY: the rig stack's remote commands against a booted systemd c
     rig = phase("boot rig", () => Rig.start(scratch, { disks: 2, diskMb: 512 }));
     raw = clone(stackRaw("rig"));
     expect(raw.rig).toBe(true);
-    raw.host = { ...raw.host, address: rig.address, lanAddress: rig.address, lanCidr: rig.lanCidr };
+    // the rig's own host key pinned, as the README tells admins to: every replayed command verifies it
+    raw.host = { ...raw.host, address: rig.address, lanAddress: rig.address, lanCidr: rig.lanCidr, hostKey: rig.hostKey };
     raw.storage = { ...raw.storage, devices: rig.devices };
     secrets = { ...TEST_SECRETS, sshPrivateKey: rig.privateKey, rcloneConfig: RCLONE_CONFIG };
     plan = await planOf(raw, secrets);
@@ -95,7 +97,14 @@ describe("RIG REPLAY: the rig stack's remote commands against a booted systemd c
     expect(idx("server-baseline-apply")).toBeLessThan(idx("server-services-data-dirs-apply"));
     // a rig: nothing protected, nothing retained
     expect(plan.commands.filter((c) => c.protect || c.retainOnDelete)).toEqual([]);
-    for (const c of plan.commands) expect(c.connection).toMatchObject({ host: rig.address, user: "ops", port: 22 });
+    for (const c of plan.commands) expect(c.connection).toMatchObject({ host: rig.address, user: "ops", port: 22, hostKey: rig.hostKey });
+    // a wrong pinned key: ssh refuses the server before authenticating, so the command (a bundle) never runs
+    const wrong = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJRAcMic7Wp3udoA0YKjn7/xiMki5Lh2CCKv2qzc0RxU";
+    const probe = { ...plan.commands[0], connection: { ...plan.commands[0].connection, hostKey: wrong }, create: "touch /tmp/wrong-key-ran" };
+    const refused = replayer.run(probe, "create");
+    expect(refused.status).toBe(255);
+    expect(refused.stderr).toMatch(/Host key verification failed|HOST IDENTIFICATION HAS CHANGED/);
+    expect(fs.existsSync(`${rig.root}/tmp/wrong-key-ran`)).toBe(false);
     const skipped = plan.skipped.map((s) => `${s.type} ${s.name}`);
     expect(skipped.some((s) => s.startsWith("docker:"))).toBe(true);
     expect(skipped.some((s) => s.startsWith("cloudflare:"))).toBe(true);
@@ -125,6 +134,10 @@ describe("RIG REPLAY: the rig stack's remote commands against a booted systemd c
     for (const d of rig.devices) expect(show).toContain(d);
     expect(show).toContain(uuid);
     expect(sudo("cat /etc/fstab")).toMatch(new RegExp(`^UUID=${uuid}\\s+${MP}\\s+btrfs\\s+noatime,compress=zstd:3,space_cache=v2`, "m"));
+    // users traverse into their own home/workspace (sshd reads ~/.ssh as the user) but cannot list the others
+    expect(sudo(`stat -c '%n %a %U' ${MP}/homes ${MP}/workspaces ${MP}/docker-volumes ${MP}/snapshots`)).toBe(
+      `${MP}/homes 711 root\n${MP}/workspaces 711 root\n${MP}/docker-volumes 711 root\n${MP}/snapshots 700 root\n`,
+    );
     const subvols = sudo(`btrfs subvolume list ${MP}`);
     for (const sv of ["homes", "workspaces", "shared", "docker-volumes", "docker-data", "cache", "snapshots", "homes/alice", "homes/bob", "workspaces/alice", "docker-volumes/bob"]) {
       expect(subvols).toMatch(new RegExp(` path ${sv}$`, "m"));
@@ -196,6 +209,41 @@ describe("RIG REPLAY: the rig stack's remote commands against a booted systemd c
       }),
     );
     expect(forced).toEqual(applies.map((c) => ({ name: c.name, status: 0, changes: "0", stderr: "" })));
+  });
+
+  test("a user added and removed: only the users and ops steps run, no unit restarts, no mount moves; the new user logs in; removal archives", async () => {
+    // what another user's work depends on: every unit's invocation, every mount (its id changes on a remount)
+    const invocations = () => sudo("systemctl list-units --all --plain --no-legend --type=service,mount,socket,timer | awk '{print $1}' | sort | xargs systemctl show -p Id -p InvocationID -p NRestarts --");
+    const mounts = () => sudo("awk '{print $1, $5, $9}' /proc/self/mountinfo | sort");
+    const before = { units: invocations(), mounts: mounts() };
+    const keyFile = `${scratch.dir}/frank`;
+    spawnSync("ssh-keygen", ["-q", "-t", "ed25519", "-N", "", "-C", "frank@laptop", "-f", keyFile]);
+    const frankKey = fs.readFileSync(`${keyFile}.pub`, "utf8").trim();
+    // as the README says: pulumi config set --path 'users[2].name' frank ... (the same structured value)
+    const withFrank = clone(raw);
+    withFrank.users.push({ name: "frank", uid: 1002, email: "frank@example.com", sshKeys: [frankKey] });
+    // the rig's 4 GB hold two 1 GB guarantees: say the rig has room for a third (ramGb feeds only that check)
+    withFrank.host.ramGb = raw.host.ramGb + 1;
+    const planFrank = await planOf(withFrank, secrets);
+    const added = phase("add a user (up)", () => replayer.up(planFrank));
+    expect(names(added).sort()).toEqual(["server-ops-apply", "server-users-apply"]);
+    for (const r of added) expect({ name: r.name, status: r.status }).toEqual({ name: r.name, status: 0 });
+    expect(invocations()).toBe(before.units);
+    expect(mounts()).toBe(before.mounts);
+    const login = spawnSync("ssh", ["-T", "-i", keyFile, "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=yes", "-o", "UserKnownHostsFile=/dev/null", "-o", `KnownHostsCommand=/bin/echo * ${rig.hostKey}`, `frank@${rig.address}`, "id -un; pwd"], { encoding: "utf8", timeout: 30_000 });
+    expect({ stdout: login.stdout, stderr: login.stderr }).toEqual({ stdout: `frank\n${MP}/homes/frank\n`, stderr: "" });
+    sudo(`echo 'frank was here' > ${MP}/homes/frank/work.txt`);
+
+    const planWithout = await planOf(raw, secrets);
+    const removed = phase("remove the user (up)", () => replayer.up(planWithout));
+    expect(names(removed).sort()).toEqual(["server-ops-apply", "server-users-apply"]);
+    const archive = removed.find((r) => r.name === "server-users-apply")!.results["archive.frank"];
+    expect(archive).toMatch(new RegExp(`^${MP}/snapshots/archive/frank-\\d{8}T\\d{6}Z$`));
+    expect(sudo(`cat ${archive}/work.txt`)).toBe("frank was here\n");
+    expect(sudo(`btrfs property get -ts ${archive} ro`).trim()).toBe("ro=true");
+    expect(spawnSync("ssh", ["-T", "-i", keyFile, "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", `frank@${rig.address}`, "true"], { timeout: 30_000 }).status).not.toBe(0);
+    expect(invocations()).toBe(before.units);
+    expect(mounts()).toBe(before.mounts);
   });
 
   test("prod config (rig: false): teardowns protected and retained; forced, they refuse and the data stays", async () => {
