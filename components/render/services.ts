@@ -14,7 +14,8 @@ export const SERVICES_NETWORK = "train-server";
  *     (host network) sends every tunnel request there, so each one has passed Cloudflare Access. Its routers
  *     carry an ipAllowList of the services network's gateway: a published port bound to 127.0.0.1 is reached
  *     through docker-proxy, which connects from that gateway, while a workspace on the services network (or a LAN
- *     machine routing to the container's address, which Docker < 28 forwards) connects from its own address: 403.
+ *     machine routing to the container's address, which Docker before 28.0 forwards: moby/moby#45610) connects from its
+ *     own address: 403.
  *   - `lan` (:80, published on host.lanAddress:80) is the office's local-DNS bypass, without Access: team and user
  *     routes, and admin routes only for host.adminSources (see `lanAccess`). Docker's DNAT keeps the LAN client's
  *     address, which is what ipAllowList matches (the TCP peer, never X-Forwarded-For).

@@ -345,7 +345,7 @@ describe("the tunnel entrypoint", () => {
     expect(probeFromWorkspace(`${srvSvc}:80`, hostOf("filebrowser"))).toMatch(/^HTTP\/1\.1 200 OK\n[\s\S]*backend=filebrowser port=80 /);
   });
 
-  test("an office machine that reaches it directly (Docker < 28 forwards routed traffic to 127.0.0.1-published ports) gets 403, admin source or not", () => {
+  test("an office machine that reaches it directly (Docker before 28.0 forwards routed traffic to 127.0.0.1-published ports: moby/moby#45610) gets 403, admin source or not", () => {
     for (const ns of [NS.a, NS.b]) {
       expect(get(ns, `http://${lanAddress}:81/`, hostOf("portainer"))).toEqual({ status: 403, body: "Forbidden" });
       expect(get(ns, `http://${lanAddress}:81/`, hostOf("alice-code"))).toEqual({ status: 403, body: "Forbidden" });
