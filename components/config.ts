@@ -62,6 +62,8 @@ const DNS_LABEL = /^(?!-)[a-z0-9-]{1,63}(?<!-)$/;
 const DOMAIN = /^(?=.{1,253}$)((?!-)[a-z0-9-]{1,63}(?<!-)\.)+[a-z]{2,63}$/;
 const EMAIL = /^[^\s@]+@[a-z0-9.-]+\.[a-z]{2,63}$/i;
 const IPV4 = /^((25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)$/;
+/** An IPv4 CIDR: four octets 0-255 and a prefix 0-32 (host bits are checked in crossCheck). */
+const CIDR_SHAPE = /^((25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\/(3[0-2]|[12]?\d)$/;
 const HHMM = /^([01]\d|2[0-3]):[0-5]\d$/;
 const CHAT_ID = /^-?\d+$/;
 
@@ -95,6 +97,12 @@ const hostSchema = z
     lanAddress: z.string().regex(IPV4, "must be an IPv4 address like 192.168.1.50"),
     /** The office LAN (CIDR); the firewall opens SSH and desktop ports only to it. */
     lanCidr: z.string().regex(/^\d+\.\d+\.\d+\.\d+\/\d{1,2}$/, "must be a CIDR like 192.168.1.0/24"),
+    /**
+     * Office machines (IPv4 CIDRs inside lanCidr, e.g. "192.168.1.10/32") that may open the admin routes (Traefik,
+     * Netdata, Prometheus, Grafana, Portainer, Dozzle) directly on the LAN. Default []: admin routes are served
+     * through the tunnel only (Cloudflare Access); the LAN gets team and user routes.
+     */
+    adminSources: z.array(z.string().regex(CIDR_SHAPE, 'must be an IPv4 CIDR like "192.168.1.10/32"')).default([]),
     cpuCores: z.number().int().positive(),
     ramGb: z.number().int().positive(),
     /** RAM kept for the host OS and the shared services; user guarantees must fit in the rest. */
@@ -437,6 +445,17 @@ function cidrContains(cidr: string, ip: string): boolean | undefined {
   return ((ipToInt(net) & mask) >>> 0) === ((ipToInt(ip) & mask) >>> 0);
 }
 
+function intToIp(n: number): string {
+  return [24, 16, 8, 0].map((s) => (n >>> s) & 255).join(".");
+}
+
+/** Whether every address of `inner` (a valid CIDR) lies inside `outer` (a valid CIDR). */
+function cidrInside(inner: string, outer: string): boolean {
+  const [, innerBits] = inner.split("/");
+  const [, outerBits] = outer.split("/");
+  return Number(innerBits) >= Number(outerBits) && cidrContains(outer, inner.split("/")[0]) === true;
+}
+
 /** Whether `maybePart` is `disk` itself or a partition of it (/dev/sda1 of /dev/sda, /dev/nvme0n1p2 of /dev/nvme0n1). */
 function sameDisk(disk: string, maybePart: string): boolean {
   if (disk === maybePart) return true;
@@ -525,6 +544,19 @@ function crossCheck(c: RawConfig, issues: ConfigIssue[]): void {
   const lan = cidrContains(c.host.lanCidr, c.host.lanAddress);
   if (lan === undefined) add("host.lanCidr", `${c.host.lanCidr} is not a valid IPv4 CIDR`);
   else if (!lan) add("host.lanAddress", `${c.host.lanAddress} is not inside host.lanCidr ${c.host.lanCidr}; fix one of them`);
+  const seenSource = new Map<string, number>();
+  c.host.adminSources.forEach((src, i) => {
+    const p = `host.adminSources[${i}]`;
+    const [net, bits] = src.split("/");
+    const mask = Number(bits) === 0 ? 0 : (~0 << (32 - Number(bits))) >>> 0;
+    const base = (ipToInt(net) & mask) >>> 0;
+    if (base !== ipToInt(net))
+      add(p, `${src} has host bits set; write the network ${intToIp(base)}/${bits}, or ${net}/32 for one machine`);
+    else if (lan !== undefined && !cidrInside(src, c.host.lanCidr))
+      add(p, `${src} is not inside host.lanCidr ${c.host.lanCidr}; admin sources are office machines as the server sees them`);
+    if (seenSource.has(src)) add(p, `duplicates host.adminSources[${seenSource.get(src)}] (${src})`);
+    else seenSource.set(src, i);
+  });
   if (c.host.reservedRamGb >= c.host.ramGb)
     add("host.reservedRamGb", `${c.host.reservedRamGb} GB reserved leaves nothing of host.ramGb ${c.host.ramGb} GB for users`);
 

@@ -29,7 +29,8 @@ import * as command from "@pulumi/command";
 import * as pulumi from "@pulumi/pulumi";
 import * as random from "@pulumi/random";
 import type { ServerConfig } from "./config";
-import { renderDnsmasq, renderHostsBlock } from "./render/localdns";
+import { LocalDnsParams, renderDnsmasq, renderHostsBlock } from "./render/localdns";
+import { lanAccess, TRAEFIK_TUNNEL_URL } from "./render/services";
 import { Audience, audienceDomains, audienceEmails, buildRoutes, describeAudience, Route } from "./routes";
 
 /** CI's SSH route (stack output `ciSsh`): where it is and the service token that opens it (a secret). */
@@ -67,8 +68,9 @@ export interface EdgeArgs {
   /** OAuth client secret of the Google Workspace identity provider (stack secret `googleClientSecret`). */
   googleClientSecret: pulumi.Output<string>;
   /**
-   * Where the cloudflared connector sends every request. Default "http://traefik:80": the cloudflared
-   * container reaches Traefik on the services network; Traefik routes by Host header.
+   * Where the cloudflared connector sends every request. Default TRAEFIK_TUNNEL_URL (http://127.0.0.1:81):
+   * Traefik's tunnel entrypoint, published on the host's loopback only (cloudflared runs in the host network);
+   * Traefik routes by Host header.
    */
   traefikUrl?: string;
 }
@@ -83,7 +85,7 @@ export interface AccessEntry {
   admits: string;
 }
 
-export const DEFAULT_TRAEFIK_URL = "http://traefik:80";
+export const DEFAULT_TRAEFIK_URL = TRAEFIK_TUNNEL_URL;
 /** Authenticators offered for Access independent MFA (Cloudflare API values). */
 export const MFA_AUTHENTICATORS = ["totp", "biometrics", "security_key"];
 
@@ -107,6 +109,28 @@ export function accessTable(config: ServerConfig): Record<string, AccessEntry> {
       { hostname: r.hostname, backend: `${r.container}:${r.port}`, audience: r.audience.kind, admits: describeAudience(config, r.audience) },
     ]),
   );
+}
+
+/**
+ * What the local-DNS outputs list: the published hostnames the LAN entrypoint serves (team and user routes, and
+ * admin routes only when host.adminSources is set), with a note on the admin hostnames either way. Admin
+ * hostnames are left out by default so that office admins resolve them publicly and go through the tunnel
+ * (listed, they would reach the LAN entrypoint, which does not serve them: 404).
+ */
+export function localDnsParams(config: ServerConfig): LocalDnsParams {
+  const policy = { adminSources: config.host.adminSources };
+  const routes = publishedRoutes(config);
+  const admin = routes.filter((r) => r.audience.kind === "admins").map((r) => r.hostname);
+  const lan = routes.filter((r) => lanAccess(r, policy) !== "nobody").map((r) => r.hostname);
+  const notes = admin.length === 0
+    ? []
+    : policy.adminSources.length > 0
+      ? [
+          `admin hostnames (${admin.join(" ")}) answer on the LAN only to host.adminSources ${policy.adminSources.join(" ")};`,
+          "any other LAN address gets 403 (use the public names, through Cloudflare Access, from there)",
+        ]
+      : [`admin hostnames (${admin.join(" ")}) are not listed: they are served only through the tunnel (Cloudflare Access)`];
+  return { address: config.host.lanAddress, hostnames: lan, label: config.domain, notes };
 }
 
 /**
@@ -168,7 +192,7 @@ export class Edge extends pulumi.ComponentResource {
     this.accessTable = accessTable(config);
     // local-DNS bypass for the office LAN (see the trade-off in render/localdns.ts); rendered first, as its
     // checks (IPv4 address, lowercase FQDNs) refuse a bad hostname before any Cloudflare resource is declared
-    const local = { address: config.host.lanAddress, hostnames: this.hostnames, label: config.domain };
+    const local = localDnsParams(config);
     this.localDns = { hosts: renderHostsBlock(local), dnsmasq: renderDnsmasq(local) };
 
     // --- tunnel: remotely managed, with a secret we generate (48 alphanumerics ≈ 285 bits, sent as 48 bytes) ---

@@ -16,6 +16,7 @@ import type { ServerConfig, ServerSecrets } from "./config";
 import { AccessEntry, Edge } from "./edge";
 import { Host } from "./host";
 import { Operations } from "./operations";
+import { TRAEFIK_TUNNEL_URL } from "./render/services";
 import { buildRoutes, Route } from "./routes";
 import { SharedServices } from "./services";
 import { StorageArray } from "./storage";
@@ -66,8 +67,8 @@ export class TrainServer extends pulumi.ComponentResource {
     this.baseline = new HostBaseline(`${name}-baseline`, { config, host: this.host, after: [this.users.ready] }, parent);
 
     this.routes = buildRoutes(config);
-    // cloudflared runs in the host network and reaches Traefik where it is published: the LAN address
-    const traefikUrl = `http://${config.host.lanAddress}:80`;
+    // cloudflared runs in the host network and sends everything to Traefik's tunnel entrypoint on 127.0.0.1
+    const traefikUrl = TRAEFIK_TUNNEL_URL;
     this.edge = new Edge(`${name}-edge`, { config, googleClientSecret: secrets.googleClientSecret, traefikUrl }, parent);
     this.services = new SharedServices(
       `${name}-services`,
@@ -84,6 +85,7 @@ export class TrainServer extends pulumi.ComponentResource {
           image: this.image.imageName,
           network: this.services.network.name,
           routes: this.routes.filter((r) => r.audience.kind === "user" && r.audience.user === u.name),
+          tunnelSources: this.services.tunnelSources,
           provider: this.services.provider,
           after: [this.users.ready],
         },

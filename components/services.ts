@@ -11,7 +11,18 @@ import type { ServerConfig } from "./config";
 import { TEXTFILE_DIR } from "./operations";
 import { HOST_ALERTMANAGER_DIR, HOST_RULES_DIR } from "./render/ops";
 import { Host, HostScript } from "./host";
-import { renderGrafanaDashboardProvider, renderGrafanaDashboards, renderGrafanaDatasources, renderPrometheusConfig, SERVICES_NETWORK, traefikLabels } from "./render/services";
+import {
+  renderGrafanaDashboardProvider,
+  renderGrafanaDashboards,
+  renderGrafanaDatasources,
+  renderPrometheusConfig,
+  SERVICES_NETWORK,
+  labelList,
+  TRAEFIK_ENTRYPOINTS,
+  traefikCommand,
+  traefikLabels,
+  tunnelSources,
+} from "./render/services";
 import type { Route } from "./routes";
 
 /** Pinned images (update deliberately: a tag change replaces that container and nothing else). */
@@ -123,6 +134,8 @@ export class SharedServices extends pulumi.ComponentResource {
   readonly network: docker.Network;
   readonly containers: Record<string, docker.Container> = {};
   readonly grafanaPassword: pulumi.Output<string>;
+  /** Where tunnel requests reach Traefik from (the services network's gateway, /32): for every Traefik label set. */
+  readonly tunnelSources: pulumi.Output<string[]>;
 
   constructor(name: string, args: SharedServicesArgs, opts?: pulumi.ComponentResourceOptions) {
     super("train-server:services:SharedServices", name, {}, opts);
@@ -149,12 +162,14 @@ export class SharedServices extends pulumi.ComponentResource {
     const child = { parent: this, provider: this.provider };
     this.network = new docker.Network(`${name}-network`, { name: SERVICES_NETWORK, driver: "bridge", attachable: true }, { ...child, dependsOn: args.after ?? [] });
 
+    // docker-proxy forwards the tunnel entrypoint's 127.0.0.1 port from the network's gateway (read back from Docker)
+    this.tunnelSources = this.network.ipamConfigs.apply((c) => tunnelSources(c));
     const routesOf = (container: string) => routes.filter((r) => r.container === container);
     const base = (svc: string): Partial<docker.ContainerArgs> => ({
       name: svc,
       restart: "unless-stopped",
       networksAdvanced: [{ name: this.network.name, aliases: [svc] }],
-      labels: Object.entries(traefikLabels(routesOf(svc))).map(([label, value]) => ({ label, value })),
+      labels: this.tunnelSources.apply((ts) => labelList(traefikLabels(routesOf(svc), { adminSources: config.host.adminSources, tunnelSources: ts }))),
     });
     const make = (svc: string, a: docker.ContainerArgs, extraDeps: pulumi.Resource[] = []) => {
       const grace = SERVICE_STOP_GRACE_S[svc];
@@ -170,19 +185,13 @@ export class SharedServices extends pulumi.ComponentResource {
 
     make("traefik", {
       image: SERVICE_IMAGES.traefik,
-      command: [
-        "--providers.docker=true",
-        "--providers.docker.exposedbydefault=false",
-        `--providers.docker.network=${SERVICES_NETWORK}`,
-        "--entrypoints.web.address=:80",
-        "--api.dashboard=true",
-        "--api.insecure=true",
-        "--metrics.prometheus=true",
-        "--ping=true",
-        "--accesslog=true",
+      command: traefikCommand(),
+      // the office reaches the LAN entrypoint on the LAN address (local-DNS bypass); cloudflared (host network)
+      // reaches the tunnel entrypoint on the host's loopback only
+      ports: [
+        { internal: TRAEFIK_ENTRYPOINTS.lan.port, external: TRAEFIK_ENTRYPOINTS.lan.port, ip: config.host.lanAddress },
+        { internal: TRAEFIK_ENTRYPOINTS.tunnel.port, external: TRAEFIK_ENTRYPOINTS.tunnel.port, ip: TRAEFIK_ENTRYPOINTS.tunnel.hostIp },
       ],
-      // LAN users reach Traefik directly (local-DNS bypass); the tunnel reaches it over the network
-      ports: [{ internal: 80, external: 80, ip: config.host.lanAddress }],
       volumes: [sock],
       healthcheck: { tests: ["CMD", "traefik", "healthcheck", "--ping"], interval: "30s", timeout: "5s", retries: 3 },
     });
@@ -320,8 +329,10 @@ export class SharedServices extends pulumi.ComponentResource {
     });
 
     if (args.tunnelToken) {
-      // host network: the tunnel reaches Traefik on the LAN address and (for an SSH route) sshd on localhost,
-      // which UFW allows without opening anything to the services network
+      // host network: the tunnel reaches Traefik's tunnel entrypoint on 127.0.0.1:81 and (for an SSH route) sshd on
+      // localhost, which UFW allows without opening anything to the services network. Not in Traefik's network
+      // namespace: when Traefik restarts, a container sharing its namespace keeps the old one with only `lo` and never
+      // reconnects (checked on Docker 20.10; cloudflare/cloudflared#826), which would leave the tunnel down.
       make("cloudflared", {
         image: SERVICE_IMAGES.cloudflared,
         networkMode: "host",

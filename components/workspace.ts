@@ -12,7 +12,7 @@ import * as random from "@pulumi/random";
 import * as path from "path";
 import type { ServerConfig, UserConfig } from "./config";
 import { SHARED_GID, SHARED_GROUP } from "./baseline";
-import { traefikLabels } from "./render/services";
+import { labelList, traefikLabels } from "./render/services";
 import { containerLifecycle } from "./services";
 import {
   WORKSPACE_PASSWORD_FILE,
@@ -76,6 +76,8 @@ export interface WorkspaceArgs {
   network: pulumi.Input<string>;
   /** This user's routes (code, jupyter) from the route table. */
   routes: Route[];
+  /** Where tunnel requests reach Traefik from (SharedServices.tunnelSources): the tunnel routers admit only these. */
+  tunnelSources: pulumi.Input<string[]>;
   provider: docker.Provider;
   /** Steps that must finish first (the user's account and home on the array). */
   after?: pulumi.Resource[];
@@ -148,7 +150,9 @@ export class Workspace extends pulumi.ComponentResource {
           { internal: WORKSPACE_PORTS.ssh, external: user.desktopPort, ip: lan },
         ],
         networksAdvanced: [{ name: args.network, aliases: [workspaceContainer(user)] }],
-        labels: Object.entries(traefikLabels(args.routes)).map(([label, value]) => ({ label, value })),
+        labels: pulumi
+          .output(args.tunnelSources)
+          .apply((ts) => labelList(traefikLabels(args.routes, { adminSources: config.host.adminSources, tunnelSources: ts }))),
         ...(user.cpuset !== undefined ? { cpuSet: user.cpuset } : {}),
         ...(user.cpus !== undefined ? { cpus: String(user.cpus) } : {}),
         ...memorySettings(user),

@@ -103,6 +103,9 @@ function mockState(type: string, name: string, inputs: Record<string, any>, prev
     case "command:remote:Command":
       // in a preview a command has not run: its output is unknown, as `pulumi preview` shows it
       return { ...inputs, stdout: preview ? UNKNOWN : "", stderr: preview ? UNKNOWN : "" };
+    case "docker:index/network:Network":
+      // Docker assigns a subnet and gateway when none is configured, and the provider reads them back
+      return { ...inputs, ipamConfigs: inputs.ipamConfigs ?? (preview ? UNKNOWN : [{ subnet: "172.18.0.0/16", gateway: "172.18.0.1" }]) };
     case "random:index/randomPassword:RandomPassword":
       // the real provider marks these secret (additionalSecretOutputs); so do the mocks
       return { ...inputs, result: pulumi.secret(`mock-password-${name}`), bcryptHash: pulumi.secret(`mock-bcrypt-${name}`) };

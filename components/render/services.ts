@@ -8,25 +8,122 @@ import type { Route } from "../routes";
 /** The Docker network every service and workspace joins (Traefik routes over it). */
 export const SERVICES_NETWORK = "train-server";
 
-/** Traefik's entrypoint for plain HTTP from cloudflared and the LAN. */
-export const TRAEFIK_ENTRYPOINT = "web";
+/**
+ * Traefik's two HTTP entrypoints.
+ *   - `tunnel` (:81 in the container, published on the host's 127.0.0.1:81 only) serves every route; cloudflared
+ *     (host network) sends every tunnel request there, so each one has passed Cloudflare Access. Its routers
+ *     carry an ipAllowList of the services network's gateway: a published port bound to 127.0.0.1 is reached
+ *     through docker-proxy, which connects from that gateway, while a workspace on the services network (or a LAN
+ *     machine routing to the container's address, which Docker before 28.0 forwards: moby/moby#45610) connects from its
+ *     own address: 403.
+ *   - `lan` (:80, published on host.lanAddress:80) is the office's local-DNS bypass, without Access: team and user
+ *     routes, and admin routes only for host.adminSources (see `lanAccess`). Docker's DNAT keeps the LAN client's
+ *     address, which is what ipAllowList matches (the TCP peer, never X-Forwarded-For).
+ */
+export const TRAEFIK_ENTRYPOINTS = {
+  tunnel: { name: "tunnel", address: ":81", port: 81, hostIp: "127.0.0.1" },
+  lan: { name: "lan", address: ":80", port: 80 },
+} as const;
 
-/** Traefik docker-provider labels routing `routes` (all served by one container) to that container. */
-export function traefikLabels(routes: Route[]): Record<string, string> {
+/** Where cloudflared (host network) sends every tunnel request: the tunnel entrypoint's published port. */
+export const TRAEFIK_TUNNEL_URL = `http://${TRAEFIK_ENTRYPOINTS.tunnel.hostIp}:${TRAEFIK_ENTRYPOINTS.tunnel.port}`;
+
+/** Traefik's static configuration as command-line flags (the traefik container's command). */
+export function traefikCommand(): string[] {
+  const { tunnel, lan } = TRAEFIK_ENTRYPOINTS;
+  return [
+    "--providers.docker=true",
+    "--providers.docker.exposedbydefault=false",
+    `--providers.docker.network=${SERVICES_NETWORK}`,
+    `--entrypoints.${tunnel.name}.address=${tunnel.address}`,
+    `--entrypoints.${lan.name}.address=${lan.address}`,
+    // dashboard, API, metrics and ping on Traefik's own entrypoint (:8080, unpublished; routed as an admin route)
+    "--api.dashboard=true",
+    "--api.insecure=true",
+    "--metrics.prometheus=true",
+    "--ping=true",
+    "--accesslog=true",
+  ];
+}
+
+const IPV4 = /^((25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)$/;
+const IPV4_CIDR = /^((25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\/(3[0-2]|[12]?\d)$/;
+
+/**
+ * The sources the tunnel entrypoint admits: the IPv4 gateway(s) of the services network as /32, from the
+ * network's IPAM configuration as Docker reports it (`docker network inspect`, or the Network resource's
+ * `ipamConfigs`). Throws if there is none: the tunnel routers would otherwise admit nobody, or everybody.
+ */
+export function tunnelSources(ipamConfigs: ReadonlyArray<{ gateway?: string; Gateway?: string; subnet?: string; Subnet?: string }> | undefined): string[] {
+  const gateways = (ipamConfigs ?? []).map((c) => c.gateway ?? c.Gateway ?? "").filter((g) => IPV4.test(g));
+  if (gateways.length === 0) throw new Error(`tunnelSources: the services network reports no IPv4 gateway (${JSON.stringify(ipamConfigs)})`);
+  return [...new Set(gateways)].map((g) => `${g}/32`);
+}
+
+/** Who may use Traefik's entrypoints, as far as labels decide it. */
+export interface TraefikPolicy {
+  /** host.adminSources: IPv4 CIDRs that may open admin routes on the LAN; [] = admin routes are tunnel-only. */
+  adminSources: readonly string[];
+  /** Where tunnel requests come from (`tunnelSources`): every tunnel router admits exactly these. */
+  tunnelSources: readonly string[];
+}
+
+/**
+ * Who may open a route on the LAN entrypoint: `everyone` on the LAN (team and user routes), `adminSources`
+ * only (admin routes, when host.adminSources is set; anyone else gets 403), or `nobody` (admin routes by
+ * default: they exist only on the tunnel entrypoint, so the LAN gets 404).
+ */
+export function lanAccess(route: Pick<Route, "audience">, policy: Pick<TraefikPolicy, "adminSources">): "everyone" | "adminSources" | "nobody" {
+  if (route.audience.kind !== "admins") return "everyone";
+  return policy.adminSources.length > 0 ? "adminSources" : "nobody";
+}
+
+/**
+ * Traefik docker-provider labels routing `routes` (all served by one container) to that container. Per route:
+ *   - router `<id>` on the tunnel entrypoint, behind the ipAllowList middleware `<id>-tunnel-sources`;
+ *   - unless `lanAccess` says nobody, router `<id>-lan` on the LAN entrypoint; for an admin route it carries the
+ *     ipAllowList middleware `<id>-admin-sources` with exactly host.adminSources.
+ * Middlewares are per route (no two containers define the same middleware name).
+ */
+export function traefikLabels(routes: Route[], policy: TraefikPolicy): Record<string, string> {
   if (routes.length === 0) return {};
   const containers = new Set(routes.map((r) => r.container));
   if (containers.size !== 1) throw new Error(`traefikLabels: routes of several containers (${[...containers].join(", ")})`);
+  for (const [what, list] of [["adminSources", policy.adminSources], ["tunnelSources", policy.tunnelSources]] as const) {
+    const bad = list.filter((s) => !IPV4_CIDR.test(s));
+    if (bad.length) throw new Error(`traefikLabels: ${what} must be IPv4 CIDRs, got ${bad.map((s) => JSON.stringify(s)).join(", ")}`);
+  }
+  if (policy.tunnelSources.length === 0) throw new Error("traefikLabels: tunnelSources is empty (the tunnel routers would admit nobody)");
   const labels: Record<string, string> = {
     "traefik.enable": "true",
     "traefik.docker.network": SERVICES_NETWORK,
   };
+  const { tunnel, lan } = TRAEFIK_ENTRYPOINTS;
   for (const r of routes) {
-    labels[`traefik.http.routers.${r.id}.rule`] = `Host(\`${r.hostname}\`)`;
-    labels[`traefik.http.routers.${r.id}.entrypoints`] = TRAEFIK_ENTRYPOINT;
+    const rule = `Host(\`${r.hostname}\`)`;
+    labels[`traefik.http.routers.${r.id}.rule`] = rule;
+    labels[`traefik.http.routers.${r.id}.entrypoints`] = tunnel.name;
     labels[`traefik.http.routers.${r.id}.service`] = r.id;
+    labels[`traefik.http.routers.${r.id}.middlewares`] = `${r.id}-tunnel-sources`;
+    labels[`traefik.http.middlewares.${r.id}-tunnel-sources.ipallowlist.sourcerange`] = policy.tunnelSources.join(",");
+    const access = lanAccess(r, policy);
+    if (access !== "nobody") {
+      labels[`traefik.http.routers.${r.id}-lan.rule`] = rule;
+      labels[`traefik.http.routers.${r.id}-lan.entrypoints`] = lan.name;
+      labels[`traefik.http.routers.${r.id}-lan.service`] = r.id;
+    }
+    if (access === "adminSources") {
+      labels[`traefik.http.routers.${r.id}-lan.middlewares`] = `${r.id}-admin-sources`;
+      labels[`traefik.http.middlewares.${r.id}-admin-sources.ipallowlist.sourcerange`] = policy.adminSources.join(",");
+    }
     labels[`traefik.http.services.${r.id}.loadbalancer.server.port`] = String(r.port);
   }
   return labels;
+}
+
+/** Labels as the Docker provider's `labels` input takes them. */
+export function labelList(labels: Record<string, string>): Array<{ label: string; value: string }> {
+  return Object.entries(labels).map(([label, value]) => ({ label, value }));
 }
 
 export interface PrometheusParams {

@@ -235,6 +235,8 @@ export function randomRaw(seed: number): Record<string, any> {
     sessionDuration: r() < 0.5 ? `${int(1, 72)}h` : `${int(5, 600)}m`,
     tunnelName: `ts-${word(1, 10)}`,
   };
+  // drawn last, so the rest of a seed's config is what it was before the key existed
+  if (r() < 0.4) raw.host.adminSources = [`10.${o1}.${o2}.${int(1, 254)}/32`, ...(r() < 0.5 ? [`10.${o1}.${int(0, 255)}.0/24`] : [])];
   return raw;
 }
 

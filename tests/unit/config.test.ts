@@ -68,6 +68,14 @@ const BAD: Case[] = [
   ["service hostname colliding with a user route", (c) => (c.hostnames = { filebrowser: "bob-code" }), "users[1].name", /collides with hostnames\.filebrowser/],
   ["LAN address outside the LAN", (c) => (c.host.lanAddress = "10.0.0.5"), "host.lanAddress", /not inside host\.lanCidr/],
   ["LAN address not IPv4", (c) => (c.host.lanAddress = "192.168.1.300"), "host.lanAddress", /IPv4/],
+  ["admin source without a prefix", (c) => (c.host.adminSources = ["192.168.1.10"]), "host.adminSources[0]", /must be an IPv4 CIDR like "192\.168\.1\.10\/32"/],
+  ["admin source octet out of range", (c) => (c.host.adminSources = ["192.168.1.300/32"]), "host.adminSources[0]", /must be an IPv4 CIDR/],
+  ["admin source prefix above 32", (c) => (c.host.adminSources = ["192.168.1.10/33"]), "host.adminSources[0]", /must be an IPv4 CIDR/],
+  ["admin source with host bits", (c) => (c.host.adminSources = ["192.168.1.10/24"]), "host.adminSources[0]", /host bits set; write the network 192\.168\.1\.0\/24, or 192\.168\.1\.10\/32 for one machine/],
+  ["admin source outside the LAN", (c) => (c.host.adminSources = ["192.168.1.10/32", "10.0.0.5/32"]), "host.adminSources[1]", /10\.0\.0\.5\/32 is not inside host\.lanCidr 192\.168\.1\.0\/24/],
+  ["admin source wider than the LAN", (c) => (c.host.adminSources = ["192.168.0.0/16"]), "host.adminSources[0]", /not inside host\.lanCidr/],
+  ["admin source listed twice", (c) => (c.host.adminSources = ["192.168.1.10/32", "192.168.1.10/32"]), "host.adminSources[1]", /duplicates host\.adminSources\[0\]/],
+  ["admin sources not a list", (c) => (c.host.adminSources = "192.168.1.10/32"), "host.adminSources", /array|expected/],
   ["reserved RAM above host RAM", (c) => (c.host.reservedRamGb = 256), "host.reservedRamGb", /leaves nothing/],
   ["missing host section", (c) => delete c.host, "host", /required/],
   ["quota warning percent out of range", (c) => (c.resources.quotaWarnPercent = 120), "resources.quotaWarnPercent", /100|99/],
@@ -132,6 +140,17 @@ describe("config: host.hostKey", () => {
     delete rig.host.hostKey;
     rig.rig = true;
     expect(parseConfig(rig).host.hostKey).toBeUndefined();
+  });
+});
+
+describe("config: host.adminSources", () => {
+  test("defaults to [] (admin routes through the tunnel only)", () => {
+    expect(parseConfig(clone(prod)).host.adminSources).toEqual([]);
+  });
+  test("office machines and subnets inside host.lanCidr are accepted as written, the whole LAN too", () => {
+    const c = clone(prod);
+    c.host.adminSources = ["192.168.1.10/32", "192.168.1.128/25", "192.168.1.0/24"];
+    expect(parseConfig(c).host.adminSources).toEqual(["192.168.1.10/32", "192.168.1.128/25", "192.168.1.0/24"]);
   });
 });
 

@@ -5,7 +5,8 @@
  */
 import * as pulumi from "@pulumi/pulumi";
 import { parseConfig, ServerConfig } from "../../components/config";
-import { Edge, accessTable, audienceKey, MFA_AUTHENTICATORS, publishedRoutes, tunnelToken, workspaceDomain } from "../../components/edge";
+import { Edge, accessTable, audienceKey, localDnsParams, MFA_AUTHENTICATORS, publishedRoutes, tunnelToken, workspaceDomain } from "../../components/edge";
+import { lanAccess, TRAEFIK_TUNNEL_URL } from "../../components/render/services";
 import { audienceDomains, audienceEmails, buildRoutes } from "../../components/routes";
 import { dependsOn, Registered, runUnderMocks } from "../../tools/harness";
 import { checkInvariant, GOOGLE_SECRET, randomConfig, runEdge, T } from "../helpers/edge";
@@ -74,13 +75,13 @@ describe("prod", () => {
     }
   });
 
-  test("ingress: one rule per route hostname → Traefik with its Host header, then the catch-all 404 last", () => {
+  test("ingress: one rule per route hostname → Traefik's tunnel entrypoint with its Host header, then the catch-all 404 last", () => {
     const cfg = res.find((r) => r.type === T.tunnelConfig)!;
     expect(cfg.inputs.source).toBe("cloudflare");
     const ing = cfg.inputs.config.ingresses;
     expect(ing[ing.length - 1]).toEqual({ service: "http_status:404" });
     expect(ing.slice(0, -1)).toEqual(
-      buildRoutes(prod).map((r) => ({ hostname: r.hostname, service: "http://traefik:80", originRequest: { httpHostHeader: r.hostname } })),
+      buildRoutes(prod).map((r) => ({ hostname: r.hostname, service: "http://127.0.0.1:81", originRequest: { httpHostHeader: r.hostname } })),
     );
   });
 
@@ -152,7 +153,10 @@ describe("prod", () => {
   test("outputs: hostnames, local DNS at the LAN address, and the access table", () => {
     expect(run.outputs.hostnames).toEqual(buildRoutes(prod).map((r) => r.hostname));
     expect(run.outputs.localDns.hosts).toContain("192.168.1.50    alice-code.example.com\n");
-    expect(run.outputs.localDns.dnsmasq).toContain("host-record=grafana.example.com,192.168.1.50\n");
+    expect(run.outputs.localDns.dnsmasq).toContain("host-record=files.example.com,192.168.1.50\n");
+    // no host.adminSources in prod: admin hostnames are tunnel-only, so local DNS leaves them to public DNS
+    expect(run.outputs.localDns.dnsmasq).not.toContain("grafana.example.com,");
+    expect(run.outputs.localDns.hosts).toContain("# admin hostnames (traefik.example.com health.example.com prometheus.example.com grafana.example.com portainer.example.com logs.example.com) are not listed: they are served only through the tunnel (Cloudflare Access)\n");
     expect(run.outputs.accessTable["bob-code"]).toEqual({
       hostname: "bob-code.example.com",
       backend: "workspace-bob:8080",
@@ -160,6 +164,25 @@ describe("prod", () => {
       admits: "alice@example.com, bob@example.com",
     });
     expect(run.outputs.accessTable.grafana).toEqual({ hostname: "grafana.example.com", backend: "grafana:3000", audience: "admins", admits: "alice@example.com" });
+  });
+
+  test("the tunnel's service URL defaults to Traefik's tunnel entrypoint", () => {
+    const ing = res.find((r) => r.type === T.tunnelConfig)!.inputs.config.ingresses;
+    expect(new Set(ing.slice(0, -1).map((i: any) => i.service))).toEqual(new Set([TRAEFIK_TUNNEL_URL]));
+  });
+
+  test("local DNS with host.adminSources: admin hostnames listed too, with a note on who gets them", () => {
+    const raw = clone(stackRaw("prod"));
+    raw.host.adminSources = ["192.168.1.10/32", "192.168.1.64/26"];
+    const p = localDnsParams(parseConfig(raw));
+    expect(p.hostnames.sort()).toEqual(buildRoutes(prod).map((r) => r.hostname).sort());
+    expect(p.notes).toEqual([
+      "admin hostnames (traefik.example.com health.example.com prometheus.example.com grafana.example.com portainer.example.com logs.example.com) answer on the LAN only to host.adminSources 192.168.1.10/32 192.168.1.64/26;",
+      "any other LAN address gets 403 (use the public names, through Cloudflare Access, from there)",
+    ]);
+    const d = localDnsParams(prod);
+    expect(d.hostnames.sort()).toEqual(buildRoutes(prod).filter((r) => r.audience.kind !== "admins").map((r) => r.hostname).sort());
+    expect(d.hostnames).toHaveLength(2 + 2 * 5);
   });
 
   test("traefikUrl is honoured", async () => {
@@ -242,7 +265,9 @@ describe("generated configs", () => {
         expect({ seed, h: r.hostname, ...who }).toEqual({ seed, h: r.hostname, emails: [...new Set([owner.email, ...admins])].sort(), domains: [] });
       }
       for (const p of resources.filter((x) => x.type === T.policy)) expect({ seed, mfa: !!p.inputs.mfaConfig }).toEqual({ seed, mfa: config.cloudflare.requireMfa });
-      expect(outputs.localDns.hosts.split("\n").filter((l) => l && !l.startsWith("#"))).toHaveLength(routes.length);
+      const lan = routes.filter((r) => lanAccess(r, config.host) !== "nobody").map((r) => r.hostname).sort();
+      expect(lan.length).toBe(routes.filter((r) => r.audience.kind !== "admins" || config.host.adminSources.length > 0).length);
+      expect({ seed, hosts: outputs.localDns.hosts.split("\n").filter((l) => l && !l.startsWith("#")).map((l) => l.split(/ +/)[1]) }).toEqual({ seed, hosts: lan });
       expect(resources.find((x) => x.type === T.idp)!.inputs.config.appsDomain).toBe(workspaceDomain(config));
     }
   }

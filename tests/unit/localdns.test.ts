@@ -50,6 +50,22 @@ describe("dnsmasq snippet", () => {
   });
 });
 
+describe("notes", () => {
+  it("are comment lines under the header of both outputs, never records", () => {
+    const p = { ...params, notes: ["admin hostnames are tunnel-only"] };
+    expect(renderHostsBlock(p).split("\n").slice(0, 2)).toEqual([
+      "# BEGIN train-server example.com (managed by Pulumi: replace this whole block when routes change)",
+      "# admin hostnames are tunnel-only",
+    ]);
+    expect(renderDnsmasq(p).split("\n")[1]).toBe("# admin hostnames are tunnel-only");
+    expect(renderHostsBlock(p).split("\n").filter((l) => l && !l.startsWith("#"))).toHaveLength(3);
+  });
+  it("must be one printable line each", () => {
+    expect(() => renderHostsBlock({ ...params, notes: ["x\naddress=/#/1.2.3.4"] })).toThrow(/note .* one line of printable ASCII/);
+    expect(() => renderDnsmasq({ ...params, notes: ["tab\there"] })).toThrow(/printable/);
+  });
+});
+
 describe("input checks (nothing unvalidated reaches a resolver file)", () => {
   it.each([
     [{ ...params, address: "192.168.1.300" }, /address "192.168.1.300"/],
