@@ -209,9 +209,15 @@ export class HostScript extends pulumi.ComponentResource {
   readonly bundleHash: pulumi.Output<string>;
 
   constructor(name: string, args: HostScriptArgs, opts?: pulumi.ComponentResourceOptions) {
-    // the step's inputs as the plan and `pulumi preview` show them (secret values masked)
-    const shown = Object.fromEntries(Object.entries(args.env).map(([k, v]) => [k, typeof v === "string" ? v : "[secret]"]));
-    super("train-server:host:Script", name, { script: args.script, env: shown, files: Object.keys(args.files ?? {}) }, opts);
+    // the step's inputs as `pulumi preview --diff` shows them: the script and every plain env value and file as
+    // text (a changed timer, rule or script line is reviewable), secret values as [secret] (the engine keeps each
+    // secret Output encrypted in the state, value by value)
+    super(
+      "train-server:host:Script",
+      name,
+      { script: args.script, source: readHostScript(args.script), env: args.env, files: args.files ?? {} },
+      opts,
+    );
     const files = args.files ?? {};
     const values = [...Object.values(args.env), ...Object.values(files)];
     const secretBearing = values.some((v) => typeof v !== "string");

@@ -12,7 +12,7 @@ import * as pulumi from "@pulumi/pulumi";
 import * as random from "@pulumi/random";
 import { SHARED_GID } from "./baseline";
 import type { Profile, ServerConfig, ServerSecrets, Weekday } from "./config";
-import { Host, HostScript } from "./host";
+import { Host, HostScript, StepValue } from "./host";
 import { driveCacheSizeGb, HOST_ALERTMANAGER_DIR, HOST_RULES_DIR, loadOpsScripts, opsEnabledUnits, opsFilesDir, OpsParams, renderOperations } from "./render/ops";
 
 /** Containers (components/services.ts) that reload on SIGHUP when their files under these host dirs change. */
@@ -123,6 +123,28 @@ export function opsParams(config: ServerConfig, cacheSizeGb: number, secrets: { 
   };
 }
 
+type OpsSecrets = { resticPassword: string; rcloneConfig: string; telegramBotToken: string };
+const PLACEHOLDER_A: OpsSecrets = { resticPassword: "-", rcloneConfig: "-", telegramBotToken: "0:layout" };
+const PLACEHOLDER_B: OpsSecrets = { resticPassword: "+", rcloneConfig: "+", telegramBotToken: "1:other" };
+
+/**
+ * Which of the ops step's files depend on what (pure): `plain` (neither secrets nor the cache size: shown as text
+ * in `pulumi preview --diff`), `cache` (the Drive cache size, known only once the array reports its size; not
+ * secret) or `secret` (embeds a secret: the restic password, the rclone config, the bot token). Found by rendering
+ * with two sets of placeholder secrets and two cache sizes: a file that differs embeds that input.
+ */
+export function opsFileSecrecy(
+  config: ServerConfig,
+  scripts: ReturnType<typeof loadOpsScripts>,
+  units: string[],
+): { kind: Record<string, "plain" | "cache" | "secret">; plain: Record<string, string> } {
+  const r = (sec: OpsSecrets, gb: number) => opsFilesDir(renderOperations(opsParams(config, gb, sec), scripts), units);
+  const a = r(PLACEHOLDER_A, 1);
+  const b = r(PLACEHOLDER_B, 1);
+  const c = r(PLACEHOLDER_A, 2);
+  return { kind: Object.fromEntries(Object.keys(a).map((k) => [k, a[k] !== b[k] ? "secret" : a[k] !== c[k] ? "cache" : "plain"])), plain: a };
+}
+
 export interface OperationsArgs {
   config: ServerConfig;
   host: Host;
@@ -152,15 +174,18 @@ export class Operations extends pulumi.ComponentResource {
         : pulumi.output(cfgCache);
 
     const scripts = loadOpsScripts();
-    const units = opsEnabledUnits({ ...(config.dataSync?.enabled ? { dataSync: config.dataSync } : {}), gpuLedger: gpuLedgerParams(config) });
-    // the file names of the step are fixed by the (non-secret) layout: render once with placeholders for the keys
-    const layout = opsFilesDir(renderOperations(opsParams(config, 1, { resticPassword: "-", rcloneConfig: "-", telegramBotToken: "0:layout" }), scripts), units);
-    const rendered = pulumi
+    const units = opsEnabledUnits({ ...(config.dataSync?.enabled ? { dataSync: config.dataSync } : {}) });
+    const { kind, plain } = opsFileSecrecy(config, scripts, units);
+    const renderWith = (sec: OpsSecrets, cacheGb: number) => opsFilesDir(renderOperations(opsParams(config, cacheGb, sec), scripts), units);
+    // what a review sees: plain files as text in `pulumi preview --diff`; the cache size (known at apply) only in
+    // the files it shapes; real secrets only inside the files that embed one, and those files stay secret
+    const real = pulumi
       .all([this.resticPassword, secrets.rcloneConfig, secrets.telegramBotToken, this.driveCacheSizeGb])
-      .apply(([resticPassword, rcloneConfig, telegramBotToken, cacheGb]) =>
-        opsFilesDir(renderOperations(opsParams(config, cacheGb, { resticPassword, rcloneConfig, telegramBotToken }), scripts), units),
-      );
-    const files = Object.fromEntries(Object.keys(layout).map((k) => [k, pulumi.secret(rendered.apply((r) => r[k]))]));
+      .apply(([resticPassword, rcloneConfig, telegramBotToken, cacheGb]) => renderWith({ resticPassword, rcloneConfig, telegramBotToken }, cacheGb));
+    const byCache = this.driveCacheSizeGb.apply((gb) => renderWith(PLACEHOLDER_A, gb));
+    const files: Record<string, StepValue> = Object.fromEntries(
+      Object.entries(kind).map(([k, how]) => [k, how === "plain" ? plain[k] : how === "cache" ? byCache.apply((r) => r[k]) : pulumi.secret(real.apply((r) => r[k]))]),
+    );
 
     const env = { TS_RELOAD: RELOAD_ON_CHANGE.map((r) => `${r.prefix} ${r.container}`).join("\n") };
     const step = new HostScript(name, { host: args.host, script: "ops-install", env, files, teardown: true, after: args.after ?? [] }, { parent: this });

@@ -233,6 +233,7 @@ describe("blast radius of a user change", () => {
       [
         "train-server:host:Script::server-users",
         "command:remote:Command::server-users-apply",
+        "train-server:host:Script::server-ops",
         "command:remote:Command::server-ops-apply",
         "cloudflare:index/zeroTrustAccessPolicy:ZeroTrustAccessPolicy::server-edge-policy-team",
         "cloudflare:index/zeroTrustTunnelCloudflaredConfig:ZeroTrustTunnelCloudflaredConfig::server-edge-tunnel-config",
@@ -262,6 +263,47 @@ describe("blast radius of a user change", () => {
     expect(d.added).toEqual([]);
     for (const r of d.removed) expect(r).toMatch(/charlie/);
     for (const r of d.changed) expect(r).not.toMatch(/docker:index\/container|pulumi:providers|baseline|storage/);
+  });
+});
+
+describe("reviewable previews: only secret values are secret in a step's inputs", () => {
+  const { parseConfig } = require("../../components/config");
+  const { opsFileSecrecy } = require("../../components/operations");
+  const { loadOpsScripts, opsEnabledUnits } = require("../../components/render/ops");
+  /** host path → how its content depends on secrets and the cache size, for a config. */
+  function kinds(raw: Record<string, any>): Record<string, string> {
+    const config = parseConfig(raw);
+    const { kind, plain } = opsFileSecrecy(config, loadOpsScripts(), opsEnabledUnits({ dataSync: config.dataSync }));
+    const byName: Record<string, string> = {};
+    for (const line of plain.manifest.trim().split("\n")) {
+      const [name, , , dest] = line.split(" ");
+      byName[dest] = kind[name];
+    }
+    return byName;
+  }
+
+  test("timers, units, rules and job scripts are plain; only the files embedding a secret are secret; the mount follows the cache size", () => {
+    const k = kinds(stackRaw("prod"));
+    const secret = Object.keys(k).filter((f) => k[f] === "secret").sort();
+    expect(secret.length).toBeGreaterThan(0);
+    for (const f of secret) expect(f).toMatch(/rclone|restic|alertmanager|telegram/);
+    expect(Object.keys(k).filter((f) => k[f] === "cache")).toEqual([expect.stringMatching(/drive.*\.service$|mount/)]);
+    for (const f of Object.keys(k).filter((x) => /\.(timer|yml|rules|sh)$/.test(x) && !/alertmanager/.test(x))) expect({ f, kind: k[f] }).toEqual({ f, kind: "plain" });
+  });
+
+  test("a PR that changes an alert threshold shows the changed rule text in the ops step's (non-secret) inputs", async () => {
+    const a = (await runProgram(stackRaw("prod"))).resources.find((r) => r.type === "train-server:host:Script" && r.name === "server-ops")!;
+    const raw = clone(stackRaw("prod"));
+    raw.alerts.fsUsedPercent = 85;
+    const b = (await runProgram(raw)).resources.find((r) => r.type === "train-server:host:Script" && r.name === "server-ops")!;
+    const changed = Object.keys(b.inputs.files).filter((f) => b.inputs.files[f] !== a.inputs.files[f]);
+    expect(changed).toHaveLength(1);
+    expect(b.inputs.files[changed[0]]).toContain("85");
+    expect(b.inputs.files.manifest).toContain(`${changed[0]} `);
+    const dest = b.inputs.files.manifest.split("\n").find((l: string) => l.startsWith(`${changed[0]} `)).split(" ")[3];
+    expect(kinds(raw)[dest]).toBe("plain");
+    // and the script itself is in the step's inputs as text: a changed line of a host script is reviewable too
+    expect(b.inputs.source).toContain("Installs the Operations area's host files");
   });
 });
 
