@@ -115,6 +115,10 @@ async function main(): Promise<void> {
   rows.push(["frank joins prod: added", String(d.added.length), d.added.map(short).join(", ")]);
   rows.push(["frank joins prod: changed", String(d.changed.length), d.changed.map(short).join(", ")]);
   rows.push(["frank joins prod: removed", String(d.removed.length), d.removed.map(short).join(", ") || "-"]);
+  const steps = d.changed.filter((k) => k.startsWith("command:remote:Command::") && k.endsWith("-apply"));
+  rows.push(["frank joins prod: remote steps re-run", String(steps.length), steps.map(short).join(", ")]);
+  const containers = d.changed.filter((k) => k.startsWith("docker:index/container:Container::"));
+  rows.push(["frank joins prod: other containers changed (replace or restart)", String(containers.length), containers.map(short).join(", ") || "must be 0"]);
 
   rows.push(...benchRestic());
   rows.push(...benchRig());
@@ -166,13 +170,23 @@ function benchRig(): string[][] {
     encoding: "utf8",
   });
   if (!fs.existsSync(out)) return [["host scripts on the rig", "failed", `the rig replay did not run (exit ${r.status})`]];
-  const m = JSON.parse(fs.readFileSync(out, "utf8")) as { totalMs: number; firstRun: Record<string, number>; secondRun: Record<string, number> };
+  const m = JSON.parse(fs.readFileSync(out, "utf8")) as {
+    totalMs: number;
+    firstRun: Record<string, number>;
+    secondRun: Record<string, number>;
+    blast?: Record<string, { steps: string[]; unitsRestarted: number; mountsMoved: number }>;
+  };
   fs.rmSync(out, { force: true });
   return [
     ...Object.keys(m.firstRun).map((step) => [
       `rig: ${step}, second run (no-op)`,
       `${m.secondRun[step] ?? "-"} ms`,
       `first run ${m.firstRun[step]} ms; ratio ${m.secondRun[step] ? (m.secondRun[step] / m.firstRun[step]).toFixed(2) : "-"}`,
+    ]),
+    ...Object.entries(m.blast ?? {}).map(([what, b]) => [
+      `rig: a user ${what === "add" ? "added" : "removed"}: steps run / units restarted / mounts moved`,
+      `${b.steps.length} / ${b.unitsRestarted} / ${b.mountsMoved}`,
+      `${b.steps.join(", ")}; units and mounts must be 0`,
     ]),
     ["rig replay, whole suite", `${(m.totalMs / 1000).toFixed(0)} s`, r.status === 0 ? "all assertions passed" : `suite exit ${r.status}: see npx jest tests/host/rig-replay.test.ts`],
   ];

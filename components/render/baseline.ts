@@ -181,7 +181,9 @@ export function renderUfwDockerUserRules(p: BaselineParams): string {
     ":DOCKER-USER - [0:0]",
   ];
   lines.push(
-    `-A DOCKER-USER -p tcp -m conntrack --ctorigdstport ${p.userPortRange.from}:${p.userPortRange.to} --ctdir ORIGINAL ! -s ${p.lanCidr} -j DROP`,
+    // --ctstate DNAT: only connections to a port published on the host; traffic between containers (Prometheus
+    // scraping :9100, Traefik reaching :3000/:8080, ...) also crosses DOCKER-USER and must never match
+    `-A DOCKER-USER -p tcp -m conntrack --ctstate DNAT --ctorigdstport ${p.userPortRange.from}:${p.userPortRange.to} --ctdir ORIGINAL ! -s ${p.lanCidr} -j DROP`,
   );
   lines.push("-A DOCKER-USER -j RETURN", "COMMIT", "# END train-server DOCKER-USER", "");
   return lines.join("\n");

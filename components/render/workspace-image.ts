@@ -117,8 +117,8 @@ export const WORKSPACE_PORTS = { ssh: 22, codeServer: 8080, jupyter: 8888 } as c
 
 /** supervisord programs of each target (all must be RUNNING for the healthcheck to pass). */
 export const WORKSPACE_PROGRAMS = {
-  core: ["dockerd", "sshd"],
-  full: ["code-server", "dockerd", "jupyter", "sshd", "x2go-cleansessions"],
+  core: ["dockerd", "graceful-stop", "sshd"],
+  full: ["code-server", "dockerd", "graceful-stop", "jupyter", "sshd", "x2go-cleansessions"],
 } as const;
 
 /** One bind mount of the workspace container. */
@@ -188,5 +188,11 @@ export function workspaceEnv(p: { user: string; uid: number; gid?: number; share
  * is a sysbox runtime or rootless Docker, not a capability list.
  */
 export const WORKSPACE_PRIVILEGED = true;
-/** dockerd inside needs time to stop its containers: give `docker stop` this long before SIGKILL. */
-export const WORKSPACE_STOP_TIMEOUT_S = 60;
+/**
+ * What `docker stop` (every replace, image roll and destroy: the provider's destroyGraceSeconds) gives a workspace
+ * between SIGTERM and SIGKILL: the user's processes get SIGTERM first and up to WORKSPACE_USER_STOP_GRACE_S to save
+ * (images/workspace/graceful-stop.sh), then the inner dockerd up to 45 s to stop the nested containers.
+ */
+export const WORKSPACE_STOP_TIMEOUT_S = 120;
+/** The user's processes' share of it (the image's graceful-stop default). */
+export const WORKSPACE_USER_STOP_GRACE_S = 50;

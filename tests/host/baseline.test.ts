@@ -142,7 +142,7 @@ describe("baseline.sh in a booted systemd container", () => {
     const rules = ufw.split("\n").filter((l) => /ALLOW|DENY/.test(l));
     expect(rules.map((l) => l.trim().split(/\s{2,}/))).toEqual([["22/tcp", "ALLOW IN", "10.42.0.0/16"]]);
     const dockerUser = c.run(["iptables", "-S", "DOCKER-USER"]);
-    expect(dockerUser).toContain("-A DOCKER-USER ! -s 10.42.0.0/16 -p tcp -m conntrack --ctorigdstport 2222:62999 --ctdir ORIGINAL -j DROP");
+    expect(dockerUser).toContain("-A DOCKER-USER ! -s 10.42.0.0/16 -p tcp -m conntrack --ctstate DNAT --ctorigdstport 2222:62999 --ctdir ORIGINAL -j DROP");
 
     for (const cache of ["pip", "conda", "huggingface", "torch", "apt", "go", "npm", "docker"]) {
       expect(c.run(["stat", "-c", "%a %U:%G", `${MP}/cache/${cache}`]).trim()).toBe("2775 root:mlusers");
@@ -177,7 +177,7 @@ describe("baseline.sh in a booted systemd container", () => {
     expect(rules.map((l) => l.trim().split(/\s{2,}/))).toEqual([["22/tcp", "ALLOW IN", "10.43.0.0/16"]]);
     const dockerUser = c.run(["iptables", "-S", "DOCKER-USER"]);
     expect(dockerUser).not.toContain("10.42.0.0/16");
-    expect(dockerUser).toContain("! -s 10.43.0.0/16 -p tcp -m conntrack --ctorigdstport 2222:62999");
+    expect(dockerUser).toContain("! -s 10.43.0.0/16 -p tcp -m conntrack --ctstate DNAT --ctorigdstport 2222:62999");
     expect(c.runScript("baseline", "apply", env()).changes).toBe(0);
   });
 

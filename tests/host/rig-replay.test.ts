@@ -32,6 +32,8 @@ describe("RIG REPLAY: the rig stack's remote commands against a booted systemd c
   let secrets: Record<string, string>;
   let plan: Plan;
   let uuid = "";
+  /** The add-user blast radius measured on the rig (for `npm run bench`). */
+  const blast: Record<string, { steps: string[]; unitsRestarted: number; mountsMoved: number }> = {};
 
   /** As the admin over SSH (sudo for root); throws on failure. */
   const ssh = (line: string): string => {
@@ -72,7 +74,7 @@ describe("RIG REPLAY: the rig stack's remote commands against a booted systemd c
     scratch.cleanup();
     // `npm run bench` runs this suite and reads its measurements from here
     if (process.env.BENCH_RIG_OUT) {
-      fs.writeFileSync(process.env.BENCH_RIG_OUT, JSON.stringify({ totalMs: Date.now() - t0, timing, firstRun: Object.fromEntries(firstRun), secondRun: Object.fromEntries(secondRun) }));
+      fs.writeFileSync(process.env.BENCH_RIG_OUT, JSON.stringify({ totalMs: Date.now() - t0, timing, firstRun: Object.fromEntries(firstRun), secondRun: Object.fromEntries(secondRun), blast }));
     }
     const rows = [...firstRun.keys()].map((k) => `  ${k.padEnd(28)} ${String(firstRun.get(k)).padStart(7)} ms ${String(secondRun.get(k) ?? "-").padStart(7)} ms`);
     console.log(
@@ -162,7 +164,7 @@ describe("RIG REPLAY: the rig stack's remote commands against a booted systemd c
     expect(ufw).toMatch(/^Status: active$/m);
     expect(ufw).toMatch(/Default: deny \(incoming\), allow \(outgoing\)/);
     expect(ufw.split("\n").filter((l) => /ALLOW|DENY/.test(l)).map((l) => l.trim().split(/\s{2,}/))).toEqual([["22/tcp", "ALLOW IN", rig.lanCidr]]);
-    expect(sudo("iptables -S DOCKER-USER")).toContain(`! -s ${rig.lanCidr} -p tcp -m conntrack --ctorigdstport 2222:62999`);
+    expect(sudo("iptables -S DOCKER-USER")).toContain(`! -s ${rig.lanCidr} -p tcp -m conntrack --ctstate DNAT --ctorigdstport 2222:62999`);
     // docker: btrfs driver, data root on the array; fail2ban running its sshd jail
     expect(sudo("docker info --format '{{.Driver}} {{.DockerRootDir}}'").trim()).toBe(`btrfs ${MP}/docker-data`);
     for (const svc of ["ssh", "docker", "fail2ban", "ufw"]) expect(ssh(`systemctl is-active ${svc}`).trim()).toBe("active");
@@ -228,6 +230,8 @@ describe("RIG REPLAY: the rig stack's remote commands against a booted systemd c
     const added = phase("add a user (up)", () => replayer.up(planFrank));
     expect(names(added).sort()).toEqual(["server-ops-apply", "server-users-apply"]);
     for (const r of added) expect({ name: r.name, status: r.status }).toEqual({ name: r.name, status: 0 });
+    const changedLines = (a: string, b: string) => b.split("\n").filter((l) => !a.split("\n").includes(l)).length;
+    blast.add = { steps: names(added), unitsRestarted: changedLines(before.units, invocations()), mountsMoved: changedLines(before.mounts, mounts()) };
     expect(invocations()).toBe(before.units);
     expect(mounts()).toBe(before.mounts);
     const login = spawnSync("ssh", ["-T", "-i", keyFile, "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=yes", "-o", "UserKnownHostsFile=/dev/null", "-o", `KnownHostsCommand=/bin/echo * ${rig.hostKey}`, `frank@${rig.address}`, "id -un; pwd"], { encoding: "utf8", timeout: 30_000 });
@@ -237,6 +241,7 @@ describe("RIG REPLAY: the rig stack's remote commands against a booted systemd c
     const planWithout = await planOf(raw, secrets);
     const removed = phase("remove the user (up)", () => replayer.up(planWithout));
     expect(names(removed).sort()).toEqual(["server-ops-apply", "server-users-apply"]);
+    blast.remove = { steps: names(removed), unitsRestarted: changedLines(before.units, invocations()), mountsMoved: changedLines(before.mounts, mounts()) };
     const archive = removed.find((r) => r.name === "server-users-apply")!.results["archive.frank"];
     expect(archive).toMatch(new RegExp(`^${MP}/snapshots/archive/frank-\\d{8}T\\d{6}Z$`));
     expect(sudo(`cat ${archive}/work.txt`)).toBe("frank was here\n");

@@ -40,6 +40,7 @@ import {
   TEST_CACHE,
 } from "../helpers/docker";
 import { REPO, Scratch, sh, writeRandomFile } from "../helpers/host";
+import { containerLifecycle } from "../../components/services";
 
 jest.setTimeout(30 * 60_000);
 
@@ -333,6 +334,58 @@ describe("workspace image (core target) in a private dockerd", () => {
     expect(keyscan()).toBe(hostKey);
     expect(ssh("id -u").stdout.trim()).toBe(String(UID));
     expect(snapshotTree(home)).toEqual(homeBefore);
+  });
+
+  test("a replace as the Docker provider does it (stop with destroyGraceSeconds, then remove): the user's job gets SIGTERM and the time to save", () => {
+    // the workspace's grace exactly as components/workspace.ts gives it to the provider
+    const destroyGraceSeconds = containerLifecycle(WORKSPACE_STOP_TIMEOUT_S, true).destroyGraceSeconds as number;
+    const log = path.join(data, "workspaces", USER, "stop.log");
+    // a training run started over SSH and left running (nohup, own session): on SIGTERM it takes 3 s to save
+    const scratchDir = path.join(data, "workspaces", USER);
+    fs.chownSync(scratchDir, UID, UID); // as users.sh leaves it: the user's own
+    fs.writeFileSync(
+      path.join(scratchDir, "job.sh"),
+      [
+        "tag=$1 log=/workspace/stop.log",
+        'on_term() { echo "$tag term $(date +%s.%N)" >>"$log"; sleep 3; echo "$tag saved $(date +%s.%N)" >>"$log"; exit 0; }',
+        "trap on_term TERM",
+        'echo "$tag started" >>"$log"',
+        "while :; do sleep 1; done",
+        "",
+      ].join("\n"),
+    );
+    const job = (tag: string) => ssh(`nohup setsid bash /workspace/job.sh ${tag} >/dev/null 2>&1 </dev/null &`);
+    const waitStarted = (tag: string) => {
+      for (let i = 0; i < 50 && !(fs.existsSync(log) && fs.readFileSync(log, "utf8").includes(`${tag} started`)); i++) sleep(0.2);
+    };
+    expect(job("graceful").status).toBe(0);
+    waitStarted("graceful");
+    const t = Date.now();
+    d.dockerOk(["stop", "-t", String(destroyGraceSeconds), NAME], { timeoutMs: 300_000 });
+    const stopS = (Date.now() - t) / 1000;
+    d.dockerOk(["rm", "-f", NAME]);
+    const lines = fs.readFileSync(log, "utf8").trim().split("\n");
+    const at = (what: string) => Number(lines.find((l) => l.startsWith(`graceful ${what} `))?.split(" ")[2]);
+    expect(lines).toContain("graceful started");
+    expect(at("term")).toBeGreaterThan(0);
+    expect(at("saved") - at("term")).toBeGreaterThanOrEqual(3);
+    expect(stopS).toBeLessThan(destroyGraceSeconds);
+    console.log(`workspace replace: the job got SIGTERM and ${(at("saved") - at("term")).toFixed(2)} s to save; docker stop took ${stopS.toFixed(1)} s of its ${destroyGraceSeconds} s grace`);
+    timings["graceful stop (job saved in 3 s)"] = stopS;
+
+    // the provider's default (destroyGraceSeconds 0): the same job never gets to save
+    d.dockerOk(["run", "-d", ...runArgs]);
+    waitRunning();
+    expect(job("killed").status).toBe(0);
+    waitStarted("killed");
+    d.dockerOk(["stop", "-t", "0", NAME], { timeoutMs: 60_000 });
+    d.dockerOk(["rm", "-f", NAME]);
+    expect(fs.readFileSync(log, "utf8")).toContain("killed started");
+    expect(fs.readFileSync(log, "utf8")).not.toContain("killed saved");
+    fs.rmSync(log);
+    fs.rmSync(path.join(scratchDir, "job.sh"));
+    d.dockerOk(["run", "-d", ...runArgs]);
+    waitRunning();
   });
 
   test("after a replacement (image update: new container, same mounts): same host key, home untouched", () => {

@@ -92,7 +92,7 @@ describe("firewall", () => {
     expect(rules).toEqual([
       "*filter",
       ":DOCKER-USER - [0:0]",
-      "-A DOCKER-USER -p tcp -m conntrack --ctorigdstport 2222:62999 --ctdir ORIGINAL ! -s 192.168.1.0/24 -j DROP",
+      "-A DOCKER-USER -p tcp -m conntrack --ctstate DNAT --ctorigdstport 2222:62999 --ctdir ORIGINAL ! -s 192.168.1.0/24 -j DROP",
       "-A DOCKER-USER -j RETURN",
       "COMMIT",
     ]);

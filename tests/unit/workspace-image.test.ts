@@ -16,6 +16,8 @@ import {
   WORKSPACE_PORTS,
   WORKSPACE_PROGRAMS,
   WORKSPACE_STATE_DIR,
+  WORKSPACE_STOP_TIMEOUT_S,
+  WORKSPACE_USER_STOP_GRACE_S,
   WORKSPACE_TARGETS,
   workspaceEnv,
   workspaceImageHash,
@@ -264,6 +266,22 @@ describe("image files agree with the contract in components/render/workspace-ima
         .flatMap((f) => [...read(f).matchAll(/^\[program:([^\]]+)\]/gm)].map((m) => m[1]));
     expect(programs(WORKSPACE_TARGETS.core).sort()).toEqual([...WORKSPACE_PROGRAMS.core]);
     expect([...programs(WORKSPACE_TARGETS.core), ...programs(WORKSPACE_TARGETS.full)].sort()).toEqual([...WORKSPACE_PROGRAMS.full]);
+  });
+
+  test("a stop fits in the stop timeout: the user's processes first (graceful-stop, highest priority), then dockerd, then the rest", () => {
+    const conf = (f: string) => {
+      const text = read(f);
+      return { priority: Number(/^priority=(\d+)$/m.exec(text)?.[1] ?? 999), stopwait: Number(/^stopwaitsecs=(\d+)$/m.exec(text)?.[1] ?? 10) };
+    };
+    const all = ["graceful-stop", "dockerd", "sshd", "code-server", "jupyter", "x2go-cleansessions"].map((p) => ({ p, ...conf(`supervisor/${p}.conf`) }));
+    const graceful = all.find((x) => x.p === "graceful-stop")!;
+    // supervisord stops the highest priority number first
+    for (const x of all) if (x.p !== "graceful-stop") expect({ p: x.p, before: graceful.priority > x.priority }).toEqual({ p: x.p, before: true });
+    expect(read("graceful-stop.sh")).toContain(`WORKSPACE_USER_STOP_GRACE_S:-${WORKSPACE_USER_STOP_GRACE_S}}`);
+    expect(graceful.stopwait).toBeGreaterThan(WORKSPACE_USER_STOP_GRACE_S);
+    // the user's programs (code-server, jupyter) end with the user's processes; what is left: dockerd, sshd, x2go
+    const rest = all.filter((x) => ["dockerd", "sshd", "x2go-cleansessions"].includes(x.p)).reduce((a, x) => a + x.stopwait, 0);
+    expect(WORKSPACE_USER_STOP_GRACE_S + rest).toBeLessThanOrEqual(WORKSPACE_STOP_TIMEOUT_S);
   });
 
   test("sshd keeps its host keys and dockerd its data on the state mount; sshd is keys-only on port 22", () => {
