@@ -182,6 +182,8 @@ probe_docker() {
   info=$(priv docker info --format '{{.ServerVersion}} {{.Driver}} {{.DockerRootDir}}' 2>&1)
   rc=$?
   fact docker.rc "$rc"
+  # a daemon that does not answer: its client's own words (info's --format only says its template failed)
+  ((rc == 0)) || info=$(priv docker version 2>&1 | grep -m1 -iE 'cannot connect|error|denied' || grep -m1 . <<<"$info")
   fact docker.info "$(grep -m1 . <<<"$info")"
   # a daemon that does not answer knows no container: say nothing rather than "absent"
   ((rc == 0)) || return 0
