@@ -197,14 +197,15 @@ export async function main(args: string[], io: Io = consoleIo): Promise<number> 
   let config: ServerConfig;
   try {
     opts = parseArgs(args);
+  } catch (e) {
+    io.err(`doctor: ${(e as Error).message}\n${USAGE}`);
+    return 2;
+  }
+  try {
     config = loadStack(opts.stack, opts.root);
   } catch (e) {
-    if (e instanceof UsageError) {
-      io.err(`doctor: ${e.message}\n${USAGE}`);
-      return 2;
-    }
     if (e instanceof ConfigError) {
-      io.err(`doctor: stack "${args[args.indexOf("--stack") + 1] ?? "?"}": ${e.message}`);
+      io.err(`doctor: stack "${opts.stack}": ${e.message}`);
       return 2;
     }
     if (e instanceof StackError) {
