@@ -791,7 +791,15 @@ export const CONFIG_KEYS = Object.keys(rawConfigSchema.shape) as Array<keyof typ
  * numbers) are parsed; plain strings are kept. Unknown `train-server:` keys are reported as issues.
  */
 export function readStackConfig(): { raw: Record<string, unknown>; unknownKeys: string[] } {
-  const all = pulumi.runtime.allConfig();
+  return splitStackConfig(pulumi.runtime.allConfig());
+}
+
+/**
+ * The raw structured config in a runtime config map (`train-server:key` → string, as `pulumi.runtime.allConfig()`
+ * or the offline tools' `readStackFile` give it): JSON values parsed, secrets and other namespaces left out,
+ * unknown `train-server:` keys listed. Pure; `readStackConfig` and `npm run doctor` read a stack through it.
+ */
+export function splitStackConfig(all: Record<string, string>): { raw: Record<string, unknown>; unknownKeys: string[] } {
   const raw: Record<string, unknown> = {};
   const unknownKeys: string[] = [];
   const known = new Set<string>([...CONFIG_KEYS, ...SECRET_KEYS]);

@@ -124,6 +124,37 @@ export function dockerSshOpts(config: ServerConfig): string[] {
   ];
 }
 
+/** One container SharedServices runs: its name, pinned image, and whether it has a health check. */
+export interface ServiceContainer {
+  name: string;
+  image: string;
+  healthcheck: boolean;
+}
+
+/**
+ * The containers SharedServices makes for a config, in the order it makes them (a unit test holds this list to
+ * the program's registered containers): what `npm run doctor` expects to find running on the server.
+ */
+export function serviceContainers(config: ServerConfig, opts: { tunnel: boolean } = { tunnel: true }): ServiceContainer[] {
+  const I = SERVICE_IMAGES;
+  const list: ServiceContainer[] = [
+    { name: "traefik", image: I.traefik, healthcheck: true },
+    { name: "netdata", image: I.netdata, healthcheck: true },
+    { name: "cadvisor", image: I.cadvisor, healthcheck: true },
+    { name: "node-exporter", image: I.nodeExporter, healthcheck: true },
+    { name: "alertmanager", image: I.alertmanager, healthcheck: true },
+    ...(config.host.gpu.count > 0 ? [{ name: "dcgm-exporter", image: I.dcgmExporter, healthcheck: true }] : []),
+    { name: "prometheus", image: I.prometheus, healthcheck: true },
+    { name: "grafana", image: I.grafana, healthcheck: true },
+    { name: "tensorboard", image: I.tensorboard, healthcheck: true },
+    { name: "filebrowser", image: I.filebrowser, healthcheck: true },
+    { name: "dozzle", image: I.dozzle, healthcheck: true },
+    { name: "portainer", image: I.portainer, healthcheck: false },
+  ];
+  if (opts.tunnel) list.push({ name: "cloudflared", image: I.cloudflared, healthcheck: true });
+  return list;
+}
+
 /** `ssh://user@host:port` for the Docker provider (the system ssh client and agent supply the key). */
 export function dockerHost(config: ServerConfig): string {
   return `ssh://${config.host.sshUser}@${config.host.address}:${config.host.sshPort}`;

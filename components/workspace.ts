@@ -34,6 +34,11 @@ const GB = 1024; // the Docker provider takes memory sizes in MB
 /** A workspace's first health check may take its start period (60 s) plus retries; a slow first start gets 10 min. */
 export const WORKSPACE_WAIT_TIMEOUT_S = 600;
 
+/** The workspace image's tag for a content hash (what every workspace container runs). */
+export function workspaceImageTag(contentHash: string = workspaceImageHash(WORKSPACE_IMAGE_DIR)): string {
+  return `train-server/workspace:${contentHash.slice(0, 16)}`;
+}
+
 export interface WorkspaceImageArgs {
   config: ServerConfig;
   provider: docker.Provider;
@@ -47,7 +52,7 @@ export class WorkspaceImage extends pulumi.ComponentResource {
   constructor(name: string, args: WorkspaceImageArgs, opts?: pulumi.ComponentResourceOptions) {
     super("train-server:workspace:Image", name, {}, opts);
     this.contentHash = workspaceImageHash(WORKSPACE_IMAGE_DIR);
-    const tag = `train-server/workspace:${this.contentHash.slice(0, 16)}`;
+    const tag = workspaceImageTag(this.contentHash);
     const image = new docker.Image(
       `${name}-image`,
       {

@@ -142,6 +142,8 @@ export interface HostFile {
 /** Host directories the Prometheus and Alertmanager containers mount read-only (see components/services.ts). */
 export const HOST_RULES_DIR = "/etc/train-server/prometheus/rules";
 export const HOST_ALERTMANAGER_DIR = "/etc/train-server/alertmanager";
+/** Where ops.env, btrbk.conf and the jobs' secret files go (OpsParams.configDir's default). */
+export const OPS_CONFIG_DIR = "/etc/train-server/ops";
 
 export const OPS_JOB_SCRIPTS = [
   "lib.sh",
@@ -256,7 +258,7 @@ export function renderBtrbkConf(p: OpsParams): string {
 function defaults(p: OpsParams) {
   return {
     scriptDir: p.scriptDir ?? "/usr/local/lib/train-server/ops",
-    configDir: p.configDir ?? "/etc/train-server/ops",
+    configDir: p.configDir ?? OPS_CONFIG_DIR,
     unitDir: p.unitDir ?? "/etc/systemd/system",
     stateDir: p.stateDir ?? "/var/lib/train-server/ops",
     rulesPath: p.rulesPath ?? `${HOST_RULES_DIR}/train-server-ops.rules.yml`,

@@ -17,9 +17,33 @@ import { CONFIG_NAMESPACE } from "../../components/config";
 import { buildProgram } from "../../components/program";
 import { Registered, runUnderMocks, toRuntimeConfig } from "../../tools/harness";
 import { ExecResult } from "./nspawn";
-import { sshRun } from "./rig";
+import { clone, stackRaw, TEST_SECRETS } from "./program";
+import { Rig, sshRun } from "./rig";
 
 export const CMD = "command:remote:Command";
+
+/** The Drive and the GCS bucket of a rig: local directories behind rclone alias remotes. */
+export const RIG_RCLONE_CONFIG = "[gdrive]\ntype = alias\nremote = /srv/rig-drive\n\n[gcs]\ntype = alias\nremote = /srv/rig-bucket\n";
+/** The ops jobs (all of them can run on a rig: its remotes are local). */
+export const RIG_OPS_JOBS = ["snapshot", "usage-collector", "scrub", "backup", "verify-restore", "data-sync"];
+
+/**
+ * The rig stack (Pulumi.rig.yaml) aimed at a booted rig: its address, LAN and loop disks, its own SSH host key pinned
+ * (as a production stack must: host.hostKey is required unless rig), its admin's key and the local remotes. Returns
+ * the raw config (keys without namespace) and the secrets.
+ */
+export function rigStack(rig: Rig): { raw: Record<string, any>; secrets: Record<string, string> } {
+  const raw = clone(stackRaw("rig"));
+  // the rig's own host key pinned, as the README tells admins to: every replayed command verifies it
+  raw.host = { ...raw.host, address: rig.address, lanAddress: rig.address, lanCidr: rig.lanCidr, hostKey: rig.hostKey };
+  raw.storage = { ...raw.storage, devices: rig.devices };
+  return { raw, secrets: { ...TEST_SECRETS, sshPrivateKey: rig.privateKey, rcloneConfig: RIG_RCLONE_CONFIG } };
+}
+
+/** Google's side of a rig: the fake Drive and bucket the alias remotes point to (outside the program). */
+export function rigRemotes(rig: Rig): void {
+  rig.run("mkdir -p /srv/rig-drive /srv/rig-bucket/rig-bucket && echo dataset > /srv/rig-bucket/rig-bucket/train.csv");
+}
 
 /** One remote command as the program registered it. */
 export interface RemoteCommand {

@@ -36,6 +36,8 @@ export interface RigOptions {
   disks?: number;
   /** Size of each disk in MB. Default 512. */
   diskMb?: number;
+  /** Extra systemd-nspawn options (e.g. a wider --system-call-filter for a Docker that runs containers). */
+  nspawnArgs?: string[];
 }
 
 export class Rig {
@@ -130,6 +132,7 @@ export class Rig {
     // with a private network nspawn mounts only parts of sysfs; storage.sh and the usage collector read
     // /sys/fs/btrfs (which devices a mounted array holds, missing devices), as on any host
     args.push("--bind-ro=/sys/fs/btrfs");
+    args.push(...(opts.nspawnArgs ?? []));
     bootNspawn(scratch, rig, args, path.join(base, "console.log"), 60_000);
     // systemd is up; wait for sshd to answer
     const deadline = Date.now() + 60_000;
