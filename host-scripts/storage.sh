@@ -64,9 +64,12 @@ validate_inputs() {
   [[ $WANT_M == raid5 || $WANT_M == raid6 ]] && log "WARNING: metadata on $WANT_M is not recommended (use raid1/raid1c3)"
   ((${#HDDS[@]} > 0)) || die "TS_DEVICES lists no device"
   for p in "${HDDS[@]}" "$TS_CACHE_DEVICE"; do
-    [[ -z $p || $p =~ ^/dev/[A-Za-z0-9/._:-]+$ ]] || die "device path '$p' must be an absolute /dev path"
+    # udev's /dev/disk/by-id and by-path names use letters, digits and # + - . : = @ _
+    [[ -z $p || ($p =~ ^/dev(/[A-Za-z0-9#+.:=@_-]+)+$ && /$p/ != */./* && /$p/ != */../*) ]] \
+      || die "device path '$p' must be a plain absolute /dev path (no '.', '..' or '//' components)"
   done
-  [[ $MP =~ ^/[A-Za-z0-9/._-]+$ && $MP != *..* ]] || die "TS_MOUNTPOINT '$TS_MOUNTPOINT' must be an absolute path (no '..', no spaces), not /"
+  [[ $MP =~ ^(/[A-Za-z0-9._-]+)+$ && /$MP/ != */../* && /$MP/ != */./* ]] \
+    || die "TS_MOUNTPOINT '$TS_MOUNTPOINT' must be a plain absolute path (no '.', '..' or '//' components, no spaces), not /"
   [[ $LABEL =~ ^[A-Za-z0-9._-]{1,64}$ ]] || die "TS_LABEL '$LABEL' must be 1-64 characters of A-Z a-z 0-9 . _ -"
   [[ $OPTS =~ ^[A-Za-z0-9._:=,/+-]+$ ]] || die "TS_MOUNT_OPTIONS '$OPTS' must be a comma-separated option list without spaces"
   [[ ,$OPTS, != *,subvol=* && ,$OPTS, != *,subvolid=* ]] || die "TS_MOUNT_OPTIONS must not select a subvolume (the top level is mounted)"
@@ -304,13 +307,25 @@ decide_fs() {
 # mountpoint and fstab: refusals that must come before any write.
 MP_MOUNTED=0
 preflight_mount() {
-  local fsid src
-  if mountpoint -q "$MP" 2>/dev/null; then
+  local fsid src root opts real
+  real=$(realpath -m "$MP")
+  if [[ $real != "$MP" ]]; then
+    # mount would follow the link, the fstab line would not: the array would be at one place now, another at boot
+    PROBLEMS+=("$MP is (or goes through) a symlink to $real: give the real path as storage.mountpoint, or remove the link")
+  elif mountpoint -q "$MP" 2>/dev/null; then
     fsid=$(mounted_fsid "$MP")
-    if [[ -n $FS_UUID && $fsid == "$FS_UUID" ]]; then
+    # the mount that is visible at MP is the last one listed for it
+    root=$(findmnt -rn -M "$MP" -o FSROOT | tail -1)
+    opts=$(findmnt -rn -M "$MP" -o OPTIONS | tail -1)
+    if [[ -n $FS_UUID && $fsid == "$FS_UUID" && $root != / ]]; then
+      PROBLEMS+=("$MP has $root of the array '$LABEL' mounted (a subvolume or a bind mount of a directory), not its top level: the subvolumes would be made inside it. Unmount $MP (umount $MP) and run again")
+    elif [[ -n $FS_UUID && $fsid == "$FS_UUID" && ,$opts, == *,ro,* ]]; then
+      PROBLEMS+=("the array '$LABEL' is mounted read-only at $MP (btrfs does this after an error: see dmesg); fix the cause and remount it read-write, then run again")
+    elif [[ -n $FS_UUID && $fsid == "$FS_UUID" ]]; then
       MP_MOUNTED=1
+      default_subvolume_problem
     else
-      src=$(findmnt -rn -M "$MP" -o SOURCE,FSTYPE | head -1)
+      src=$(findmnt -rn -M "$MP" -o SOURCE,FSTYPE | tail -1)
       PROBLEMS+=("$MP already has another filesystem mounted ($src): unmount it or choose another storage.mountpoint")
     fi
   elif [[ -e $MP && ! -d $MP ]]; then
@@ -326,17 +341,41 @@ preflight_mount() {
       else
         PROBLEMS+=("$FSTAB already mounts $src at $MP: remove that line (or choose another storage.mountpoint)")
       fi
-    done < <(awk -v mp="$MP" '$1 !~ /^#/ && $2 == mp {print $1}' "$FSTAB")
+    done < <(awk -v mp="$MP" "$AWK_NORM"' $1 !~ /^#/ && norm($2) == mp {print $1}' "$FSTAB")
   fi
 }
 
-mounted_fsid() { btrfs filesystem show "$1" 2>/dev/null | awk '/uuid:/ {print $NF; exit}'; }
+# an awk function: a path as the kernel sees it (no repeated or trailing slashes): /mnt//storage/ is /mnt/storage
+AWK_NORM='function norm(p) { gsub(/\/+/, "/", p); if (length(p) > 1) sub(/\/$/, "", p); return p }'
+
+# fstab_unquote SOURCE: UUID="x" and LABEL='x' as libmount reads them
+fstab_unquote() {
+  local s=$1
+  [[ $s =~ ^([A-Z]+=)[\"\'](.*)[\"\']$ ]] && s=${BASH_REMATCH[1]}${BASH_REMATCH[2]}
+  printf '%s' "$s"
+}
+
+# mounted_fsid DIR: UUID of the btrfs mounted at DIR; empty for another filesystem (btrfs fails there: not an error)
+mounted_fsid() { { btrfs filesystem show "$1" 2>/dev/null || true; } | awk '/uuid:/ {print $NF; exit}'; }
+
+# default_subvolume_problem: the array (mounted at MP) must have the top level as its default subvolume, or the fstab
+# line (no subvolid) would mount another subvolume at boot and everything would land inside it
+default_subvolume_problem() {
+  local id
+  id=$(btrfs subvolume get-default "$MP" | awk '{print $2}')
+  [[ $id == 5 ]] && return 0
+  PROBLEMS+=("the array '$LABEL' has subvolume ID $id as its default (btrfs subvolume set-default): at boot its $FSTAB line would mount that subvolume at $MP instead of the top level; reset it with 'btrfs subvolume set-default 5 $MP' and run again")
+}
 
 fstab_source_is_ours() {
-  local src=$1 dev
+  local src dev real
+  src=$(fstab_unquote "$1")
   [[ -n $FS_UUID && ($src == "UUID=$FS_UUID" || $src == "/dev/disk/by-uuid/$FS_UUID") ]] && return 0
   [[ $src == "LABEL=$LABEL" || $src == "/dev/disk/by-label/$LABEL" ]] && return 0
-  for dev in "${FS_DEVS[@]}"; do [[ $src == "$dev" ]] && return 0; done
+  # a member device by any of its names (/dev/sdb, a /dev/disk/by-id link to it, ...)
+  [[ $src == /dev/* ]] || return 1
+  real=$(readlink -f "$src" 2>/dev/null) || return 1
+  for dev in "${FS_DEVS[@]}"; do [[ $src == "$dev" || $real == "$(readlink -f "$dev")" ]] && return 0; done
   return 1
 }
 
@@ -344,8 +383,8 @@ fstab_source_is_ours() {
 fstab_render() {
   local line="UUID=$FS_UUID $MP btrfs $OPTS 0 0"
   if [[ -f $FSTAB ]]; then
-    awk -v mp="$MP" -v line="$line" '
-      $1 !~ /^#/ && $2 == mp { if (!done) print line; done = 1; next }
+    awk -v mp="$MP" -v line="$line" "$AWK_NORM"'
+      $1 !~ /^#/ && norm($2) == mp { if (!done) print line; done = 1; next }
       { print }
       END { if (!done) print line }' "$FSTAB"
   else
@@ -381,13 +420,19 @@ fs_converge() {
   want_line="UUID=$FS_UUID $MP btrfs $OPTS 0 0"
   cur_line=""
   if [[ -f $FSTAB ]]; then
-    cur_line=$(awk -v mp="$MP" '$1 !~ /^#/ && $2 == mp {print $1, $2, $3, $4, $5, $6; exit}' "$FSTAB")
+    cur_line=$(awk -v mp="$MP" "$AWK_NORM"' $1 !~ /^#/ && norm($2) == mp {print $1, $2, $3, $4, $5, $6; exit}' "$FSTAB")
   fi
   if ((MP_MOUNTED == 0)); then
-    step "mount UUID=$FS_UUID at $MP ($OPTS)" mount -t btrfs -o "$OPTS" "UUID=$FS_UUID" "$MP"
+    # the top level explicitly (subvolid=5), whatever the array's default subvolume is
+    step "mount UUID=$FS_UUID at $MP ($OPTS)" mount -t btrfs -o "$OPTS,subvolid=5" "UUID=$FS_UUID" "$MP"
     if [[ $ACTION == check ]]; then
       step "then reconcile profiles, $FSTAB, subvolumes and quotas of the mounted array" true
       return 0
+    fi
+    default_subvolume_problem
+    if ((${#PROBLEMS[@]})); then
+      umount "$MP" && changed "unmounted $MP again"
+      refuse_if_problems
     fi
   fi
   # 3. look at the mounted array before changing anything else in it
@@ -687,15 +732,15 @@ destroy() {
   # 2. fstab: our line at MP and every line mounting the array (it would fail at boot once wiped)
   if [[ -f $FSTAB ]]; then
     tmp=$(mktemp)
-    awk -v mp="$MP" -v ids=" ${fsids[*]} " -v n="${#fsids[@]}" -v label="$LABEL" '
+    awk -v mp="$MP" -v ids=" ${fsids[*]} " -v n="${#fsids[@]}" -v label="$LABEL" "$AWK_NORM"'
       NF && $1 !~ /^#/ {
-        src = $1; sub(/^UUID=/, "", src); sub(/^\/dev\/disk\/by-uuid\//, "", src)
-        if ((n > 0 && index(ids, " " src " ")) || ($2 == mp && $1 == "LABEL=" label)) next
+        src = $1; gsub(/["\047]/, "", src); sub(/^UUID=/, "", src); sub(/^\/dev\/disk\/by-uuid\//, "", src)
+        if ((n > 0 && index(ids, " " src " ")) || (norm($2) == mp && (src == "LABEL=" label))) next
       }
       { print }' "$FSTAB" >"$tmp"
     while read -r src; do
       [[ " ${fsids[*]} " == *" ${src#UUID=} "* ]] || log "keeping $FSTAB line for $src at $MP (not our array)"
-    done < <(awk -v mp="$MP" '$1 !~ /^#/ && $2 == mp {print $1}' "$tmp")
+    done < <(awk -v mp="$MP" "$AWK_NORM"' $1 !~ /^#/ && norm($2) == mp {print $1}' "$tmp")
     if ! cmp -s "$tmp" "$FSTAB"; then
       install_file "$tmp" "$FSTAB" "$(stat -c %a "$FSTAB")" "$(stat -c %U:%G "$FSTAB")"
       [[ $FSTAB == /etc/fstab && -d /run/systemd/system ]] && systemctl daemon-reload

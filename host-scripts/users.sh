@@ -38,7 +38,8 @@ declare -A ST_UID=() ST_STATUS=()
 load_state() {
   [[ -f $STATE ]] || return 0
   local name uid status
-  while IFS='|' read -r name uid status; do
+  # (|| [[ -n $name ]]: a last line without its newline, e.g. the adoption line added by hand, still counts)
+  while IFS='|' read -r name uid status || [[ -n $name ]]; do
     [[ -n $name ]] || continue
     ST_UID[$name]=$uid
     ST_STATUS[$name]=$status
@@ -87,6 +88,8 @@ subvol_id() { btrfs inspect-internal rootid "$1"; }
 passwd_field() { getent passwd "$1" | cut -d: -f"$2"; }
 shadow_field() { getent shadow "$1" | cut -d: -f"$2"; }
 in_group() { id -nG "$1" 2>/dev/null | tr ' ' '\n' | grep -qxF "$2"; }
+# group_members GID [EXCEPT]: the supplementary members of a group but EXCEPT (comma-separated, may be empty)
+group_members() { { getent group "$1" || true; } | cut -d: -f4 | tr ',' '\n' | { grep -vxF -e "${2:-}" -e '' || true; } | paste -sd, -; }
 # qgroup_parents QGROUPID: the parents of a qgroup (comma-separated), from `btrfs qgroup show -p`
 qgroup_parents() { btrfs qgroup show -p --raw "$MP" | awk -v q="$1" '$1 == q { print $4 }'; }
 qgroup_exists() { btrfs qgroup show --raw "$MP" | awk -v q="$1" '$1 == q { f = 1 } END { exit !f }'; }
@@ -98,7 +101,7 @@ preflight() {
   for sub in homes workspaces docker-volumes shared snapshots; do
     [[ -d $MP/$sub ]] || refuse "$MP/$sub is missing; storage.sh creates it (run storage.sh apply)"
   done
-  local name uid owner gowner path
+  local name uid owner gowner path members others
   for name in "${NAMES[@]}"; do
     uid=${U_UID[$name]}
     if [[ -n ${ST_UID[$name]+x} && ${ST_UID[$name]} != "$uid" ]]; then
@@ -121,9 +124,25 @@ preflight() {
     if getent group "$name" >/dev/null && [[ $(getent group "$name" | cut -d: -f3) != "$uid" ]]; then
       refuse "group $name exists with gid $(getent group "$name" | cut -d: -f3), not $uid; remove group $name or give $name uid $(getent group "$name" | cut -d: -f3)"
     fi
+    # the private group (gid = uid) owns the home (750): nobody else may be in it, or have it as primary group
+    members=$(group_members "$uid" "$name")
+    if [[ -n $gowner && -z ${ST_UID[$name]+x} ]]; then
+      refuse "group $name (gid $uid) exists but was not created by train-server${members:+ (members: $members)}; it would become the private group of $name, which owns the home: remove it (groupdel $name) if it is a leftover, or give $name another name"
+    fi
+    if [[ -n $members ]]; then
+      refuse "group $name (gid $uid, the private group that owns $name's home) has other members: $members; they would read $name's files: remove them (gpasswd -d <member> $name)"
+    fi
+    others=$(getent passwd | awk -F: -v g="$uid" -v n="$name" '$4 == g && $1 != n {print $1}' | paste -sd, -)
+    if [[ -n $others ]]; then
+      refuse "account(s) $others have gid $uid (the private group of $name, which owns the home) as primary group; they would read $name's files: give them another group (usermod -g <group> <account>)"
+    fi
     for path in "$MP/homes/$name" "$MP/workspaces/$name" "$MP/docker-volumes/$name"; do
       if [[ -e $path || -L $path ]] && ! is_subvolume "$path"; then
         refuse "$path exists but is not a btrfs subvolume; move it aside (mv $path $path.old), rerun, then copy the data back (cp -a --reflink=always)"
+      fi
+      # a home left by someone else (another uid) is not adopted by a new account: it would get their files
+      if [[ -e $path && -z ${ST_UID[$name]+x} && $(stat -c %u "$path") != "$uid" ]]; then
+        refuse "$path exists, owned by uid $(stat -c %u "$path"), but $name (uid $uid) is not a train-server account yet: it holds someone else's data; move it aside, or give $name uid $(stat -c %u "$path") if it is theirs"
       fi
     done
     if [[ -L $MP/homes/$name/.ssh || (-e $MP/homes/$name/.ssh && ! -d $MP/homes/$name/.ssh) ]]; then

@@ -10,7 +10,8 @@
 import * as pulumi from "@pulumi/pulumi";
 import * as fs from "fs";
 import * as path from "path";
-import { parse as parseYaml } from "yaml";
+import { isMap, isScalar, isSeq, LineCounter, parseDocument } from "yaml";
+import { ConfigError, ConfigIssue, CONFIG_NAMESPACE, SECRET_KEYS } from "../components/config";
 
 export const PROJECT = "train-server";
 export const REPO_ROOT = path.resolve(__dirname, "..");
@@ -58,8 +59,101 @@ export type StackConfig = Record<string, unknown>;
 export function readStackFile(stack: string, root: string = REPO_ROOT): { config: Record<string, string>; secretKeys: string[] } {
   const file = path.join(root, `Pulumi.${stack}.yaml`);
   if (!fs.existsSync(file)) throw new Error(`no stack file ${file} (stacks: ${listStacks(root).join(", ")})`);
-  const doc = parseYaml(fs.readFileSync(file, "utf8")) ?? {};
-  return toRuntimeConfig((doc.config ?? {}) as StackConfig);
+  return toRuntimeConfig(parseStackText(fs.readFileSync(file, "utf8"), path.basename(file)));
+}
+
+/** A config path for messages: `train-server:host` → `host`, nested keys and indexes appended. */
+function configPath(parts: Array<string | number>): string {
+  let out = "";
+  parts.forEach((p, i) => {
+    if (typeof p === "number") out += `[${p}]`;
+    else if (i === 0) out = p.startsWith(`${PROJECT}:`) ? p.slice(PROJECT.length + 1) : p;
+    else out += `.${p}`;
+  });
+  return out;
+}
+
+/**
+ * The `config:` mapping of a stack file's text. Everything a stack file cannot be is a ConfigError naming where:
+ * a YAML syntax error (file:line:column), a duplicated key (its config path: other YAML readers keep one of the
+ * two silently), a document that is not a mapping, a `config:` that is not one, an unknown tag, an alias bomb, a
+ * number that is not finite, and a secret written in plain text.
+ */
+export function parseStackText(text: string, name = "Pulumi.<stack>.yaml"): StackConfig {
+  const lineCounter = new LineCounter();
+  const doc = parseDocument(text, { uniqueKeys: false, lineCounter });
+  const at = (offset: number | undefined) => {
+    const pos = offset === undefined ? undefined : lineCounter.linePos(offset);
+    return pos ? `${name}:${pos.line}:${pos.col}` : name;
+  };
+  const issues: ConfigIssue[] = [...doc.errors, ...doc.warnings].map((e) => ({
+    path: e.linePos ? `${name}:${e.linePos[0].line}:${e.linePos[0].col}` : name,
+    message: `YAML: ${e.message.split("\n")[0].replace(/ at line \d+, column \d+:?$/, "")}`,
+  }));
+  if (issues.length) throw new ConfigError(issues);
+  const root = doc.contents;
+  if (root !== null && !isMap(root)) throw new ConfigError([{ path: name, message: "is not a mapping; a stack file is `config:` with one `train-server:<key>: value` per line" }]);
+  // duplicated keys, at any depth of config (and at the top level)
+  const walk = (node: unknown, parts: Array<string | number>): void => {
+    if (isMap(node)) {
+      const seen = new Map<string, number | undefined>();
+      for (const item of node.items) {
+        const key = isScalar(item.key) ? String(item.key.value) : undefined;
+        if (key === undefined) {
+          issues.push({ path: at(item.key && (item.key as any).range?.[0]), message: "a key must be a plain name, not a list or mapping" });
+          continue;
+        }
+        const offset = (item.key as any).range?.[0] as number | undefined;
+        if (seen.has(key)) {
+          const first = seen.get(key);
+          issues.push({
+            path: configPath([...parts, key]) || at(offset),
+            message: `is given twice (${at(first)} and ${at(offset)}); YAML readers differ on which one wins: keep one`,
+          });
+        } else seen.set(key, offset);
+        walk(item.value, [...parts, key]);
+      }
+    } else if (isSeq(node)) node.items.forEach((v, i) => walk(v, [...parts, i]));
+  };
+  if (isMap(root)) {
+    const top = root.items.filter((i) => isScalar(i.key) && i.key.value === "config");
+    const configNode = top[0]?.value;
+    const topKeys = root.items.map((i) => (isScalar(i.key) ? String(i.key.value) : ""));
+    topKeys.forEach((k, i) => {
+      if (k && topKeys.indexOf(k) !== i) issues.push({ path: k, message: `is given twice (${at((root.items[topKeys.indexOf(k)].key as any)?.range?.[0])} and ${at((root.items[i].key as any)?.range?.[0])}); keep one` });
+    });
+    walk(configNode, []);
+    if (issues.length) throw new ConfigError(issues);
+    if (configNode !== undefined && configNode !== null && !isMap(configNode) && !(isScalar(configNode) && configNode.value === null))
+      throw new ConfigError([{ path: "config", message: `must be a mapping of ${PROJECT}:<key> to values (found ${isSeq(configNode) ? "a list" : `the value ${JSON.stringify(String((configNode as any).value ?? configNode)).slice(0, 40)}`})` }]);
+  }
+  let js: any;
+  try {
+    js = doc.toJS({ maxAliasCount: 100 });
+  } catch (e) {
+    throw new ConfigError([{ path: name, message: `YAML: ${(e as Error).message.split("\n")[0]}` }]);
+  }
+  const cfg: StackConfig = (js?.config ?? {}) as StackConfig;
+  for (const k of Object.keys(cfg)) {
+    if (!k.includes(":")) issues.push({ path: k, message: `has no namespace; the Pulumi CLI only reads keys of the form <namespace>:<name>: write ${PROJECT}:${k}` });
+  }
+  // values JSON cannot carry: .nan/.inf would arrive as null, !!binary as a byte array
+  const strange = (v: unknown, parts: Array<string | number>): void => {
+    if (typeof v === "number" && !Number.isFinite(v)) issues.push({ path: configPath(parts), message: `is ${String(v)} (YAML .nan/.inf), not a number; give a number` });
+    else if (ArrayBuffer.isView(v)) issues.push({ path: configPath(parts), message: "is a YAML !!binary value; give plain text" });
+    else if (Array.isArray(v)) v.forEach((x, i) => strange(x, [...parts, i]));
+    else if (v && typeof v === "object" && !("secure" in v && parts.length === 1)) Object.entries(v).forEach(([k, x]) => strange(x, [...parts, k]));
+  };
+  for (const [k, v] of Object.entries(cfg)) strange(v, [k]);
+  for (const key of SECRET_KEYS) {
+    for (const k of [key, `${CONFIG_NAMESPACE}:${key}`]) {
+      const v = cfg[k];
+      if (v !== undefined && !(v && typeof v === "object" && "secure" in v))
+        issues.push({ path: key, message: `is in plain text in the stack file, but it is a secret: delete the line and set it with: pulumi config set --secret ${key} <value>` });
+    }
+  }
+  if (issues.length) throw new ConfigError(issues);
+  return cfg;
 }
 
 export function listStacks(root: string = REPO_ROOT): string[] {
@@ -74,15 +168,23 @@ export function listStacks(root: string = REPO_ROOT): string[] {
 export function toRuntimeConfig(cfg: StackConfig): { config: Record<string, string>; secretKeys: string[] } {
   const config: Record<string, string> = {};
   const secretKeys: string[] = [];
+  const spelled = new Map<string, string>();
+  const issues: ConfigIssue[] = [];
   for (const [k, v] of Object.entries(cfg)) {
     const key = k.includes(":") ? k : `${PROJECT}:${k}`;
+    const other = spelled.get(key);
+    if (other !== undefined) issues.push({ path: configPath([key]), message: `is given twice (as "${other}" and as "${k}"); keep one` });
+    spelled.set(key, k);
     if (v && typeof v === "object" && !Array.isArray(v) && "secure" in (v as object)) {
-      config[key] = `<secret ${key.split(":")[1]}>`;
+      // shaped like the real value where the program knows the key, so the renderers validate it as they would
+      const name = key.slice(key.indexOf(":") + 1);
+      config[key] = key.startsWith(`${PROJECT}:`) && name in PLACEHOLDER_SECRETS ? PLACEHOLDER_SECRETS[name] : `<secret ${name}>`;
       secretKeys.push(key);
     } else {
       config[key] = typeof v === "string" ? v : JSON.stringify(v);
     }
   }
+  if (issues.length) throw new ConfigError(issues);
   return { config, secretKeys };
 }
 

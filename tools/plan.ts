@@ -6,7 +6,8 @@
  */
 import { ConfigError, CONFIG_NAMESPACE, SECRET_KEYS } from "../components/config";
 import { buildProgram } from "../components/program";
-import { listStacks, PLACEHOLDER_SECRETS, readStackFile, Registered, runUnderMocks } from "./harness";
+import * as path from "path";
+import { listStacks, PLACEHOLDER_SECRETS, readStackFile, Registered, REPO_ROOT, RunResult, runUnderMocks } from "./harness";
 
 const SHOWN_WIDTH = 100;
 
@@ -72,16 +73,11 @@ function option(args: string[], name: string): string | undefined {
 }
 
 /**
- * `plan [--stack NAME] [--root DIR]`: prints the plan of `DIR/Pulumi.NAME.yaml` (default: prod, this repository)
- * and returns the exit code: 0 planned, 1 bad config, 2 usage.
+ * The program under mocks with `DIR/Pulumi.NAME.yaml`, read as the offline plan reads it (secrets the file does not
+ * set get placeholders). Bad config, also at the YAML level (syntax, duplicated keys, a `config:` that is not a
+ * mapping), throws a ConfigError. `preview: false` resolves every output (as `pulumi up` would).
  */
-export async function main(args: string[]): Promise<number> {
-  const stack = option(args, "--stack") ?? "prod";
-  const root = option(args, "--root");
-  if (!/^[A-Za-z0-9._-]+$/.test(stack)) {
-    console.error(`usage: npm run plan -- --stack NAME   (stacks: ${listStacks(root).join(", ")})`);
-    return 2;
-  }
+export async function planStack(stack: string, root?: string, preview = true): Promise<RunResult<unknown>> {
   const { config, secretKeys } = readStackFile(stack, root);
   for (const key of SECRET_KEYS) {
     const full = `${CONFIG_NAMESPACE}:${key}`;
@@ -90,9 +86,27 @@ export async function main(args: string[]): Promise<number> {
       secretKeys.push(full);
     }
   }
+  return runUnderMocks(() => buildProgram().outputs, config, secretKeys, { stack, preview });
+}
+
+/**
+ * `plan [--stack NAME] [--root DIR]`: prints the plan of `DIR/Pulumi.NAME.yaml` (default: prod, this repository)
+ * and returns the exit code: 0 planned, 1 bad config (also a stack file that is not valid YAML), 2 usage or no such stack.
+ */
+export async function main(args: string[]): Promise<number> {
+  const stack = option(args, "--stack") ?? "prod";
+  const root = option(args, "--root");
+  if (!/^[A-Za-z0-9._-]+$/.test(stack)) {
+    console.error(`usage: npm run plan -- --stack NAME   (stacks: ${listStacks(root).join(", ")})`);
+    return 2;
+  }
+  if (!listStacks(root).includes(stack)) {
+    console.error(`no stack file ${path.join(root ?? REPO_ROOT, `Pulumi.${stack}.yaml`)} (stacks: ${listStacks(root).join(", ")})`);
+    return 2;
+  }
   const started = process.hrtime.bigint();
   try {
-    const result = await runUnderMocks(() => buildProgram().outputs, config, secretKeys, { stack, preview: true });
+    const result = await planStack(stack, root);
     const ms = Number(process.hrtime.bigint() - started) / 1e6;
     console.log(`Offline plan of stack "${stack}" (under mocks: no server, no credentials; secrets are placeholders)\n`);
     console.log(renderTree(result.resources));

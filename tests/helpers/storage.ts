@@ -28,6 +28,11 @@ function backFile(dev: string): string {
 export function attachLoop(s: Scratch, sizeMb = 300): Loop {
   const file = path.join(s.dir, `disk-${crypto.randomBytes(4).toString("hex")}.img`);
   sh("truncate", ["-s", `${sizeMb}M`, file]);
+  return attachFile(s, file);
+}
+
+/** Attach an existing backing `file` to a fresh loop device: a disk plugged in again, maybe under another name. */
+export function attachFile(s: Scratch, file: string): Loop {
   const dev = sh("losetup", ["-f", "--show", file]).trim();
   const detach = (): void => {
     if (backFile(dev) !== file) return;

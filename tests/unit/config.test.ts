@@ -1,4 +1,5 @@
-import { ConfigError, MIN_DEVICES, parseConfig, parseCpuset, defaultMetadataProfile, PROFILES } from "../../components/config";
+import { ConfigError, MIN_DEVICES, parseConfig, parseCpuset, defaultMetadataProfile, PROFILES, RESERVED_USERNAMES } from "../../components/config";
+import { SERVICE_DATA, SERVICE_STOP_GRACE_S } from "../../components/services";
 import { clone, stackRaw } from "../helpers/program";
 
 function issuesOf(raw: unknown): Array<{ path: string; message: string }> {
@@ -34,8 +35,8 @@ const BAD: Case[] = [
   ["short RSA key", (c) => (c.users[0].sshKeys = ["ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAAgQC7 x@y"]), "users[0].sshKeys[0]", /shorter than 2048/],
   ["uid whose ssh port hits another user's desktop port", (c) => (c.users[4].uid = 1000 + (4000 - 2222)), "users[4].uid", /port 4000, already used by users\[0\] desktop/],
   ["host SSH port equal to a user's desktop port", (c) => (c.host.sshPort = 4001), "users[1].uid", /desktop port 4001, already used by host\.sshPort/],
-  ["unknown key in a user (typo)", (c) => (c.users[0].memoryLimitGB = 10), "users[0]", /unknown key "memoryLimitGB"/],
-  ["unknown top-level key", (c) => (c.storrage = {}), "", /unknown key "storrage"/],
+  ["unknown key in a user (typo)", (c) => (c.users[0].memoryLimitGB = 10), "users[0].memoryLimitGB", /unknown key "memoryLimitGB"/],
+  ["unknown top-level key", (c) => (c.storrage = {}), "storrage", /unknown key "storrage"/],
   ["guarantee greater than limit", (c) => Object.assign(c.users[1], { memoryGuaranteeGb: 64, memoryLimitGb: 48 }), "users[1].memoryGuaranteeGb", /exceeds the limit/],
   ["limit above host RAM", (c) => (c.users[1].memoryLimitGb = 512), "users[1].memoryLimitGb", /exceeds host\.ramGb/],
   ["guarantees summing past host RAM", (c) => (c.resources.memoryGuaranteeGb = 40), "users", /sum to 200 GB but only 184 GB/],
@@ -79,7 +80,7 @@ const BAD: Case[] = [
   ["reserved RAM above host RAM", (c) => (c.host.reservedRamGb = 256), "host.reservedRamGb", /leaves nothing/],
   ["missing host section", (c) => delete c.host, "host", /required/],
   ["quota warning percent out of range", (c) => (c.resources.quotaWarnPercent = 120), "resources.quotaWarnPercent", /100|99/],
-  ["negative quota", (c) => (c.resources.quotaGb = -5), "resources.quotaGb", /0|positive/],
+  ["negative quota", (c) => (c.resources.quotaGb = -5), "resources.quotaGb", /at least 1 GB/],
   ["no admin user", (c) => c.users.forEach((u: any) => (u.admin = false)), "users", /at least one admin/],
   ["nobody admitted by Access", (c) => Object.assign(c.cloudflare, { allowedDomains: [], allowedEmails: [] }), "cloudflare.allowedDomains", /nobody is admitted/],
   ["cloudflare account id not 32 hex", (c) => (c.cloudflare.accountId = "abc"), "cloudflare.accountId", /32-hex-digit/],
@@ -127,6 +128,21 @@ describe("config: bad values are rejected with the field's path and a fix", () =
     expect(issues.length).toBeGreaterThan(0);
     expect({ path: hit?.path, issues }).toEqual(expect.objectContaining({ path }));
     expect(hit!.message).toMatch(message);
+  });
+});
+
+describe("config: names a user cannot have", () => {
+  // a user's state subvolume is docker-volumes/<name>, and a service's data is docker-volumes/<service>: a user named
+  // like a service would own (and mount into the workspace) the service's data, and the two steps would chown it
+  // back and forth on every up
+  test("every shared service's container and data directory name is reserved", () => {
+    const services = [...Object.keys(SERVICE_STOP_GRACE_S), ...Object.keys(SERVICE_DATA)];
+    expect(services.filter((s) => !RESERVED_USERNAMES.has(s))).toEqual([]);
+    for (const name of services) {
+      const c = clone(prod);
+      c.users[3].name = name;
+      expect(issuesOf(c)).toEqual(expect.arrayContaining([expect.objectContaining({ path: "users[3].name", message: expect.stringMatching(/reserved/) })]));
+    }
   });
 });
 

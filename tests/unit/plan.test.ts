@@ -1,4 +1,5 @@
 /** The offline plan (`npm run plan`): prints the tree of a stack, fails on bad config with the field's path. */
+import { spawnSync } from "child_process";
 import * as fs from "fs";
 import * as os from "os";
 import * as path from "path";
@@ -77,6 +78,57 @@ test("a stack with a bad value fails with the field's path and changes exit code
   }
 });
 
-test("an unknown stack is a clear error naming the stacks there are", async () => {
-  await expect(main(["--stack", "nosuch"])).rejects.toThrow(/no stack file .*Pulumi\.nosuch\.yaml \(stacks: .*prod/);
+test("an unknown stack is a clear error naming the stacks there are (exit 2)", async () => {
+  const c = capture();
+  let code: number;
+  try {
+    code = await main(["--stack", "nosuch"]);
+  } finally {
+    c.restore();
+  }
+  expect(code).toBe(2);
+  expect(c.err.join("\n")).toMatch(/no stack file .*Pulumi\.nosuch\.yaml \(stacks: .*prod/);
+});
+
+test("a stack whose secrets are set (secure: values) plans: the placeholders are shaped like the real secrets", async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "ts-plan-"));
+  try {
+    const text = fs.readFileSync(path.join(__dirname, "..", "..", "Pulumi.prod.yaml"), "utf8");
+    const secrets = ["sshPrivateKey", "telegramBotToken", "googleClientSecret", "rcloneConfig"].map((k) => `  train-server:${k}:\n    secure: v1:AAAAAAAAAAAAAAAA:BBBBBBBB\n`);
+    fs.writeFileSync(path.join(dir, "Pulumi.secured.yaml"), text + secrets.join(""));
+    const c = capture();
+    let code: number;
+    try {
+      code = await main(["--stack", "secured", "--root", dir]);
+    } finally {
+      c.restore();
+    }
+    expect(c.err).toEqual([]);
+    expect(code).toBe(0);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+describe("the plan CLI prints a stack file's YAML-level problem cleanly (no stack trace) and exits 1", () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "ts-plan-cli-"));
+  afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const prod = fs.readFileSync(path.join(__dirname, "..", "..", "Pulumi.prod.yaml"), "utf8");
+  test.each([
+    ["a duplicated key", prod.replace("    sshUser: ops\n", "    sshUser: ops\n    sshUser: root\n"), /host\.sshUser: is given twice \(Pulumi\.\w+\.yaml:\d+:5 and Pulumi\.\w+\.yaml:\d+:5\)/],
+    ["a YAML syntax error", prod.replace("- /dev/sda\n", "- [/dev/sda\n"), /Pulumi\.\w+\.yaml:\d+:\d+: YAML: Flow sequence/],
+    ["a config: that is a list", "config:\n  - train-server:host\n", /config: must be a mapping of train-server:<key> to values \(found a list\)/],
+  ])("%s", (_what, text, message) => {
+    const stack = `cli${Math.random().toString(36).slice(2, 8)}`;
+    fs.writeFileSync(path.join(dir, `Pulumi.${stack}.yaml`), text);
+    const r = spawnSync(process.execPath, ["-r", "ts-node/register/transpile-only", "tools/plan.ts", "--stack", stack, "--root", dir], {
+      cwd: path.join(__dirname, "..", ".."),
+      encoding: "utf8",
+      timeout: 60_000,
+    });
+    expect({ status: r.status, stdout: r.stdout }).toEqual({ status: 1, stdout: "" });
+    expect(r.stderr).toMatch(new RegExp(`^Stack "${stack}": train-server configuration has \\d+ problems?:\\n`));
+    expect(r.stderr).toMatch(message);
+    expect(r.stderr).not.toMatch(/^\s+at /m); // no stack trace
+  });
 });
