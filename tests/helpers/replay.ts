@@ -17,7 +17,8 @@ import { CONFIG_NAMESPACE } from "../../components/config";
 import { buildProgram } from "../../components/program";
 import { Registered, runUnderMocks, toRuntimeConfig } from "../../tools/harness";
 import { ExecResult } from "./nspawn";
-import { sshRun } from "./rig";
+import { clone, stackRaw, TEST_SECRETS } from "./program";
+import { Rig, sshRun } from "./rig";
 
 export const CMD = "command:remote:Command";
 
@@ -204,4 +205,22 @@ export class RunFailed extends Error {
     super(`${run.name} (${run.op}) exited ${run.status}:\n${run.stderr.slice(-4000)}\n${run.stdout.slice(-1000)}`);
     this.name = "RunFailed";
   }
+}
+
+/** The Drive and the GCS bucket of a rig: local directories behind rclone alias remotes. */
+export const RIG_RCLONE_CONFIG = "[gdrive]\ntype = alias\nremote = /srv/rig-drive\n\n[gcs]\ntype = alias\nremote = /srv/rig-bucket\n";
+
+/**
+ * The rig stack (Pulumi.rig.yaml) aimed at a booted rig: its address and LAN, its own host key pinned (as the README
+ * tells admins to: every replayed command verifies it), its disks; secrets with the rig's admin key and the local
+ * remotes; and the plan. Also makes the fake Drive and bucket on the rig (outside the program, like Google's side).
+ */
+export async function rigStack(rig: Rig): Promise<{ raw: Record<string, any>; secrets: Record<string, string>; plan: Plan }> {
+  const raw = clone(stackRaw("rig"));
+  raw.host = { ...raw.host, address: rig.address, lanAddress: rig.address, lanCidr: rig.lanCidr, hostKey: rig.hostKey };
+  raw.storage = { ...raw.storage, devices: rig.devices };
+  const secrets = { ...TEST_SECRETS, sshPrivateKey: rig.privateKey, rcloneConfig: RIG_RCLONE_CONFIG };
+  const plan = await planOf(raw, secrets);
+  rig.run("mkdir -p /srv/rig-drive /srv/rig-bucket/rig-bucket && echo dataset > /srv/rig-bucket/rig-bucket/train.csv");
+  return { raw, secrets, plan };
 }

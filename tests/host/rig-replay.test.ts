@@ -7,16 +7,14 @@
 import { spawnSync } from "child_process";
 import * as fs from "fs";
 import { Scratch } from "../helpers/host";
-import { clone, stackRaw, TEST_SECRETS } from "../helpers/program";
-import { CommandRun, Plan, planOf, Replayer } from "../helpers/replay";
+import { clone } from "../helpers/program";
+import { CommandRun, Plan, planOf, Replayer, rigStack } from "../helpers/replay";
 import { Rig } from "../helpers/rig";
 
 jest.setTimeout(900_000);
 
 const MP = "/mnt/storage";
 const TEXTFILES = "/var/lib/prometheus/node-exporter";
-/** The Drive and the GCS bucket of a rig: local directories behind rclone alias remotes. */
-const RCLONE_CONFIG = "[gdrive]\ntype = alias\nremote = /srv/rig-drive\n\n[gcs]\ntype = alias\nremote = /srv/rig-bucket\n";
 /** The jobs started by hand once after `up` (all of them: the rig's remotes are local). */
 const JOBS = ["snapshot", "usage-collector", "scrub", "backup", "verify-restore", "data-sync"];
 
@@ -56,15 +54,8 @@ describe("RIG REPLAY: the rig stack's remote commands against a booted systemd c
 
   beforeAll(async () => {
     rig = phase("boot rig", () => Rig.start(scratch, { disks: 2, diskMb: 512 }));
-    raw = clone(stackRaw("rig"));
+    ({ raw, secrets, plan } = await rigStack(rig));
     expect(raw.rig).toBe(true);
-    // the rig's own host key pinned, as the README tells admins to: every replayed command verifies it
-    raw.host = { ...raw.host, address: rig.address, lanAddress: rig.address, lanCidr: rig.lanCidr, hostKey: rig.hostKey };
-    raw.storage = { ...raw.storage, devices: rig.devices };
-    secrets = { ...TEST_SECRETS, sshPrivateKey: rig.privateKey, rcloneConfig: RCLONE_CONFIG };
-    plan = await planOf(raw, secrets);
-    // the fake Drive and bucket (outside the program, like Google's side)
-    rig.run("mkdir -p /srv/rig-drive /srv/rig-bucket/rig-bucket && echo dataset > /srv/rig-bucket/rig-bucket/train.csv");
   });
 
   afterAll(() => {
