@@ -3,7 +3,8 @@
 #
 # Contract of every host script (see components/host.ts, which ships and runs them):
 #   - invoked as `bash <script>.sh <action>` with action `apply` (converge), `check` (look, change nothing)
-#     or `destroy` (undo what the script made, only where the stack allows it);
+#     or `destroy` (undo what the script made, only where the stack allows it); `check` names what differs from
+#     the declared state with `drift ITEM yes|no` (the daily drift check, host-scripts/drift-check.sh, exports it);
 #   - inputs only from environment variables named TS_*; files rendered by the program arrive in
 #     $TS_FILES_DIR (one file per rendered name);
 #   - human-readable progress on stderr; machine-readable results on stdout as `key=value` lines, always
@@ -28,6 +29,11 @@ changed() { TS_CHANGES=$((TS_CHANGES + 1)); log "changed: $*"; }
 
 # result KEY VALUE: one machine-readable result line on stdout.
 result() { printf '%s=%s\n' "$1" "$2"; }
+
+# drift ITEM yes|no: a check's verdict on one declared object (a rendered file, a line, a unit), as the result
+# `drift.ITEM=yes|no` (yes = it differs from the declared state). ITEM names the file or object (A-Z a-z 0-9 . _ -,
+# e.g. sshd.conf, fstab); host-scripts/drift-check.sh exports it as train_server_drift{step,item}.
+drift() { result "drift.$1" "$2"; }
 
 # finish: print the change count; call last.
 finish() { result changes "$TS_CHANGES"; }

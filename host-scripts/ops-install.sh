@@ -10,7 +10,8 @@
 #   container runs, it gets SIGHUP (Prometheus reloads its rules, Alertmanager its config, without a restart).
 # apply: writes what differs, enables what is not enabled; with a running systemd also daemon-reload, starts the
 #   timers and (re)starts the Drive mount when its unit or the rclone config changed.
-# check: reports drift (files differing, units not enabled) and changes nothing.
+# check: reports drift (drift.<file name>=yes per file differing, drift.<unit>.enabled=yes per unit not enabled,
+#   drift=N) and changes nothing.
 # destroy: disables the units and removes the installed files; snapshots, the restic repository and the state
 #   directory are never touched.
 # shellcheck source-path=SCRIPTDIR source=lib.sh
@@ -58,14 +59,16 @@ differs() { # differs INDEX: the installed file differs from the rendered one (c
 
 case $action in
   check)
-    drift=0
+    # each differing file as drift.<its file name> (names are unique across the manifest), each unit not enabled
+    # as drift.<unit>.enabled; drift=N counts them
+    count=0
     for i in "${!paths[@]}"; do
-      if differs "$i"; then drift=$((drift + 1)); log "differs: ${paths[$i]}"; fi
+      if differs "$i"; then count=$((count + 1)); log "differs: ${paths[$i]}"; drift "${paths[$i]##*/}" yes; fi
     done
     for u in "${units[@]}"; do
-      [[ $(sctl is-enabled "$u" 2>/dev/null) == enabled ]] || { drift=$((drift + 1)); log "not enabled: $u"; }
+      [[ $(sctl is-enabled "$u" 2>/dev/null) == enabled ]] || { count=$((count + 1)); log "not enabled: $u"; drift "$u.enabled" yes; }
     done
-    result drift "$drift"
+    result drift "$count"
     ;;
   apply)
     if [[ -z $root && -n $packages ]]; then

@@ -16,7 +16,8 @@
 #   TS_CONVERT_PROFILE   0|1; 1 = convert an adopted array whose profiles differ (btrfs balance ... convert)
 #   TS_FSTAB             fstab to reconcile (default /etc/fstab)
 # Results (stdout): uuid, label, mountpoint, data_profile, metadata_profile, devices, device_bytes, fs_devices
-#   [, cache_device, cache_set, cache_mode], for check also pending=N (changes apply would make), then changes=N.
+#   [, cache_device, cache_set, cache_mode], for check also pending=N (changes apply would make) and
+#   drift.<item>=yes|no for each of array mount fstab subvolumes quotas profile (where those changes are), then changes=N.
 #
 # Identity: the array is ours when the btrfs labelled TS_LABEL spans exactly the listed devices (or, with
 # bcache, exactly the bcache devices backed by them, attached to the cache set on TS_CACHE_DEVICE). It is then
@@ -42,6 +43,8 @@ CACHE_DEV=""
 [[ -n $TS_CACHE_DEVICE && $TS_CACHE_MODE != none ]] && CACHE_DEV=$TS_CACHE_DEVICE
 MIN_BYTES=$((256 * 1024 * 1024)) # smallest device accepted (btrfs RAID needs ~110 MiB per device)
 PENDING=0                        # check: changes apply would make
+DRIFT_ITEMS=(array mount fstab subvolumes quotas profile) # check: what a pending change is filed under (drift.<item>)
+declare -A DRIFT_SEEN=()
 PROBLEMS=()                      # refusal reasons, collected so that one run names all of them
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -229,12 +232,15 @@ make_subvolume() {
   btrfs -q subvolume create "$1" && if [[ -n $2 ]]; then chmod "$2" "$1"; fi
 }
 
+# With ITEM=<name> before it (`ITEM=fstab step ...`), check files the pending change under that drift item
+# (default: array, the array itself is not what the config says); see DRIFT_ITEMS.
 step() {
   local desc=$1
   shift
   if [[ $ACTION == check ]]; then
     log "would: $desc"
     PENDING=$((PENDING + 1))
+    DRIFT_SEEN[${ITEM:-array}]=1
     return 0
   fi
   log "$desc ..."
@@ -416,7 +422,7 @@ fs_converge() {
   fi
   # 2. mount (the kernel must know every device of a multi-device filesystem first: no udev here)
   if [[ $ACTION == apply ]]; then btrfs device scan "${FS_DEVS[@]}" >/dev/null; fi
-  [[ -d $MP ]] || step "create mountpoint $MP" mkdir -p "$MP"
+  [[ -d $MP ]] || ITEM=mount step "create mountpoint $MP" mkdir -p "$MP"
   want_line="UUID=$FS_UUID $MP btrfs $OPTS 0 0"
   cur_line=""
   if [[ -f $FSTAB ]]; then
@@ -424,7 +430,7 @@ fs_converge() {
   fi
   if ((MP_MOUNTED == 0)); then
     # the top level explicitly (subvolid=5), whatever the array's default subvolume is
-    step "mount UUID=$FS_UUID at $MP ($OPTS)" mount -t btrfs -o "$OPTS,subvolid=5" "UUID=$FS_UUID" "$MP"
+    ITEM=mount step "mount UUID=$FS_UUID at $MP ($OPTS)" mount -t btrfs -o "$OPTS,subvolid=5" "UUID=$FS_UUID" "$MP"
     if [[ $ACTION == check ]]; then
       step "then reconcile profiles, $FSTAB, subvolumes and quotas of the mounted array" true
       return 0
@@ -454,13 +460,14 @@ fs_converge() {
   fi
   # changed mount options on the mounted array: remount (some options only take effect at the next mount)
   if ((MP_MOUNTED)) && [[ -n $cur_line && $(awk '{print $4}' <<<"$cur_line") != "$OPTS" ]]; then
-    step "remount $MP with $OPTS" remount
+    # the fstab line's options differ (the live mount follows the line): filed under the fstab
+    ITEM=fstab step "remount $MP with $OPTS" remount
   fi
   # 4. fstab line by UUID
   desired=$(fstab_render)
   if [[ ! -f $FSTAB ]] || [[ $desired != "$(cat "$FSTAB")" ]]; then
     if [[ $ACTION == check ]]; then
-      step "write the line '$want_line' to $FSTAB" true
+      ITEM=fstab step "write the line '$want_line' to $FSTAB" true
     else
       tmp=$(mktemp)
       printf '%s\n' "$desired" >"$tmp"
@@ -480,15 +487,15 @@ fs_converge() {
   for sv in "${SUBVOLS[@]}"; do
     want=$(layout_mode "$sv")
     if [[ ! -e $MP/$sv ]]; then
-      step "create subvolume $MP/$sv${want:+ (mode $want)}" make_subvolume "$MP/$sv" "$want"
+      ITEM=subvolumes step "create subvolume $MP/$sv${want:+ (mode $want)}" make_subvolume "$MP/$sv" "$want"
     elif [[ -n $want && $(stat -c %a "$MP/$sv") != "$want" ]]; then
-      step "mode $want on $MP/$sv" chmod "$want" "$MP/$sv"
+      ITEM=subvolumes step "mode $want on $MP/$sv" chmod "$want" "$MP/$sv"
     fi
   done
-  btrfs qgroup show "$MP" >/dev/null 2>&1 || step "enable quotas on $MP" btrfs quota enable "$MP"
+  btrfs qgroup show "$MP" >/dev/null 2>&1 || ITEM=quotas step "enable quotas on $MP" btrfs quota enable "$MP"
   # 6. profile conversion, last: it can take hours, and the array is usable meanwhile
   if ((${#convert[@]})); then
-    step "convert $MP from $cur_d/$cur_m to $WANT_D/$WANT_M (btrfs balance start --force ${convert[*]})" \
+    ITEM=profile step "convert $MP from $cur_d/$cur_m to $WANT_D/$WANT_M (btrfs balance start --force ${convert[*]})" \
       btrfs balance start --force "${convert[@]}" "$MP"
     if [[ $ACTION == apply ]]; then
       cur_d=$(profiles "$MP" Data)
@@ -681,7 +688,10 @@ apply_or_check() {
     result cache_set "$BCACHE_SET"
     result cache_mode "$TS_CACHE_MODE"
   fi
-  [[ $ACTION == check ]] && result pending "$PENDING"
+  if [[ $ACTION == check ]]; then
+    result pending "$PENDING"
+    for item in "${DRIFT_ITEMS[@]}"; do drift "$item" "$([[ -n ${DRIFT_SEEN[$item]:-} ]] && echo yes || echo no)"; done
+  fi
   finish
 }
 

@@ -20,7 +20,8 @@
 # A user dropped from TS_USERS is archived: a read-only snapshot of the home in snapshots/archive/<name>-<UTC>,
 # account locked + expired + nologin, out of docker/sudo/shared group. Nothing is deleted; re-adding unlocks.
 # Accounts not in the state file are never changed; a name/uid clash with one is refused.
-# Results: user.<name>.uid / .qgroup / .quota_gb / .status, archive.<name>=<path>, changes=N.
+# Results: user.<name>.uid / .qgroup / .quota_gb / .status, archive.<name>=<path>, changes=N; check also
+# drift.user.<name>.account / drift.user.<name>.authorized_keys = yes|no (the account or its keys differ from the config).
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "${BASH_SOURCE[0]%/*}/lib.sh"
 
@@ -277,6 +278,28 @@ archive() { # NAME: snapshot the home once, lock the account; deletes nothing
   result "user.$name.status" archived
 }
 
+# ---- check: what apply would change for an active user, named (drift.user.<name>.account / .authorized_keys) ------
+account_as_declared() { # NAME: the account is what ensure_account makes
+  local name=$1 uid=${U_UID[$1]} g sudo=0
+  getent passwd "$name" >/dev/null || return 1
+  [[ $(passwd_field "$name" 3) == "$uid" && $(passwd_field "$name" 4) == "$uid" && $(passwd_field "$name" 6) == "$MP/homes/$name" ]] || return 1
+  [[ $(passwd_field "$name" 7) == /bin/bash && $(shadow_field "$name" 2) == '*' && -z $(shadow_field "$name" 8) ]] || return 1
+  for g in docker "$SHARED_GROUP"; do in_group "$name" "$g" || return 1; done
+  if in_group "$name" sudo; then sudo=1; fi
+  [[ $sudo == "${U_ADMIN[$name]}" ]]
+}
+keys_as_declared() { # NAME: authorized_keys holds exactly the configured keys, 600, owned by the user
+  local f=$MP/homes/$1/.ssh/authorized_keys
+  [[ -f $f && $(stat -c '%a %U' "$f") == "600 $1" ]] && cmp -s "$f" <(printf '%s' "${U_KEYS[$1]}" | base64 -d)
+}
+check_user() { # NAME
+  local name=$1 v
+  v=no; account_as_declared "$name" || { v=yes; log "differs: account $name"; }
+  drift "user.$name.account" "$v"
+  v=no; keys_as_declared "$name" || { v=yes; log "differs: $MP/homes/$name/.ssh/authorized_keys"; }
+  drift "user.$name.authorized_keys" "$v"
+}
+
 # ---- main -------------------------------------------------------------------------------------------------------------
 mkdir -p "$STATE_DIR"
 exec 9>"$STATE_DIR/.users.lock"
@@ -289,6 +312,7 @@ case $ACTION in
     preflight
     for name in "${NAMES[@]}"; do
       if getent passwd "$name" >/dev/null; then result "user.$name.status" "${ST_STATUS[$name]:-unknown}"; else result "user.$name.status" missing; fi
+      check_user "$name"
     done
     ;;
   apply)

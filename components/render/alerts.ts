@@ -7,7 +7,8 @@
  *     train_server_task_last_success_timestamp_seconds{task}, train_server_task_last_run_timestamp_seconds{task},
  *     train_server_btrfs_scrub_errors{type}, train_server_btrfs_device_errors{device,type},
  *     train_server_btrfs_devices_missing{mountpoint}, train_server_mount_up{mountpoint},
- *     train_server_user_usage_bytes{user,dir}, train_server_user_quota_bytes{user}
+ *     train_server_user_usage_bytes{user,dir}, train_server_user_quota_bytes{user},
+ *     train_server_drift{step,item}, train_server_drift_check_success{step} (host-scripts/drift-check.sh)
  *     (label `task`, not `job`: `job` is Prometheus' own target label);
  *   - SMART: Debian/Ubuntu prometheus-node-exporter-collectors' smartmon.sh (smartmon_device_smart_healthy{disk});
  *   - GPU: NVIDIA's dcgm-exporter (DCGM_FI_DEV_GPU_TEMP{gpu,UUID}, degrees C);
@@ -167,6 +168,27 @@ export function alertRules(p: AlertParams): AlertRule[] {
       expr: `time() - train_server_task_last_run_timestamp_seconds{${task("usage-collector")}} > 3600`,
       labels: { severity: "warning", family: "ops" },
       annotations: { summary: "The usage/health collector has not run for an hour", description: "Quota, btrfs device and Drive mount metrics are stale: `systemctl status ts-usage-collector.timer`." },
+    },
+    {
+      // the daily drift check (host-scripts/drift-check.sh): a step's own `check` found a hand edit
+      alert: "HostDrift",
+      expr: "train_server_drift == 1",
+      labels: { severity: "warning", family: "drift" },
+      annotations: {
+        summary: "{{ $labels.step }}: {{ $labels.item }} differs from the declared state",
+        description:
+          "The daily check of step {{ $labels.step }} found {{ $labels.item }} changed on the host (a hand edit?): re-apply the step to restore it (`pulumi up --replace` the {{ $labels.step }}-apply command: a plain `pulumi up` re-runs a step only when its inputs change), or put the change into the program. What differs: /var/log/train-server/{{ $labels.step }}.log.",
+      },
+    },
+    {
+      alert: "DriftCheckFailing",
+      expr: `train_server_drift_check_success == 0 or (time() - train_server_task_last_success_timestamp_seconds{${task("drift-check")}}) > 2 * 86400`,
+      labels: { severity: "warning", family: "drift" },
+      annotations: {
+        summary: "{{ if $labels.step }}The drift check of {{ $labels.step }} failed{{ else }}The drift check has not succeeded for {{ $value | humanizeDuration }}{{ end }}",
+        description:
+          "{{ if $labels.step }}`check` of step {{ $labels.step }} failed or timed out, so its drift is unknown: /var/log/train-server/{{ $labels.step }}.log{{ else }}No successful ts-drift-check run in 2 days: `systemctl status ts-drift-check.timer`, `journalctl -u ts-drift-check`{{ end }}.",
+      },
     },
   ];
   if (p.dataSyncEnabled !== false) {

@@ -9,7 +9,8 @@
  *   the timers. Each timer starts `ts-<job>.service`, which runs `<scriptDir>/<job>.sh apply` with
  *   EnvironmentFile=<configDir>/ops.env (TS_* variables, see `renderOpsEnv`; no secret in it, only paths to the
  *   root-only secret files). Every job writes `<textfileDir>/train_server_<job>.prom` atomically.
- *   On GPU hosts ts-gpu-ledger (every minute) accounts GPU time to users; ts-weekly-digest sends the weekly digest.
+ *   On GPU hosts ts-gpu-ledger (every minute) accounts GPU time to users; ts-weekly-digest sends the weekly digest;
+ *   ts-drift-check (daily) runs every installed host step's `check` and exports what differs (drift-check.sh).
  */
 import * as fs from "fs";
 import * as path from "path";
@@ -110,6 +111,8 @@ export interface OpsParams {
   usageDirs?: string[];
   /** How often the usage/health collector runs (OnCalendar). Default "*:0/15". */
   usageSchedule?: string;
+  /** When the drift check runs each installed host step's `check` ("HH:MM" daily or OnCalendar). Default "05:30". */
+  driftSchedule?: string;
   /** Root-only secret files' contents (the program passes secret values; files are written 0600). */
   secrets: { resticPassword: string; rcloneConfig: string };
   /** Where job scripts are installed. Default /usr/local/lib/train-server/ops. */
@@ -157,6 +160,7 @@ export const OPS_JOB_SCRIPTS = [
   "gpu-ledger.sh",
   "weekly-digest.sh",
   "weekly-digest.jq",
+  "drift-check.sh",
 ] as const;
 export type OpsScripts = Record<(typeof OPS_JOB_SCRIPTS)[number], string>;
 
@@ -413,6 +417,7 @@ export const OPS_UNITS = {
   dataSync: "ts-data-sync",
   gpuLedger: "ts-gpu-ledger",
   digest: "ts-weekly-digest",
+  drift: "ts-drift-check",
   drive: "ts-drive-mount.service",
 } as const;
 
@@ -460,6 +465,10 @@ export function renderOperations(p: OpsParams, scripts: OpsScripts): Record<stri
   job(OPS_UNITS.digest, "weekly-digest.sh", "weekly Telegram digest", p.digest?.schedule ?? "Mon *-*-* 09:00:00", {
     unit: ["Wants=network-online.target", "After=network-online.target"],
   });
+  // every installed host step's own `check`, daily: what differs from the declared state becomes train_server_drift
+  job(OPS_UNITS.drift, "drift-check.sh", "drift check of the host steps (check mode, changes nothing)", toOnCalendar(p.driftSchedule ?? "05:30"), {
+    service: ["TimeoutStartSec=2h"],
+  });
   put(`${d.unitDir}/${OPS_UNITS.drive}`, renderDriveMountUnit(p));
 
   const alertParams: AlertParams = {
@@ -477,7 +486,7 @@ export function renderOperations(p: OpsParams, scripts: OpsScripts): Record<stri
 
 /** Timers ops-install.sh enables (and the mount service), in the order it starts them. */
 export function opsEnabledUnits(p: Pick<OpsParams, "dataSync" | "gpuLedger">): string[] {
-  const timers: string[] = [OPS_UNITS.snapshot, OPS_UNITS.backup, OPS_UNITS.verify, OPS_UNITS.scrub, OPS_UNITS.usage];
+  const timers: string[] = [OPS_UNITS.snapshot, OPS_UNITS.backup, OPS_UNITS.verify, OPS_UNITS.scrub, OPS_UNITS.usage, OPS_UNITS.drift];
   if (p.dataSync) timers.push(OPS_UNITS.dataSync);
   if (p.gpuLedger) timers.push(OPS_UNITS.gpuLedger);
   timers.push(OPS_UNITS.digest);

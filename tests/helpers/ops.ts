@@ -61,3 +61,23 @@ export function exampleGpuOpsParams(over: Partial<OpsParams> = {}): OpsParams {
     ...over,
   });
 }
+
+/**
+ * The Go-template functions used in the alert annotations, as Prometheus formats them (for promtool's
+ * exp_annotations): `{{ $labels.x }}`, `{{ $value }}` with humanize / humanizePercentage / humanizeDuration, and
+ * `{{ if $labels.x }}...{{ else }}...{{ end }}` (not nested).
+ */
+export function expand(tmpl: string, labels: Record<string, string>, value: number): string {
+  const g = (v: number) => String(Number(v.toPrecision(4)));
+  const dur = (v: number) => {
+    const d = Math.floor(v / 86400), h = Math.floor((v % 86400) / 3600), m = Math.floor((v % 3600) / 60), s = Math.floor(v % 60);
+    return d ? `${d}d ${h}h ${m}m ${s}s` : h ? `${h}h ${m}m ${s}s` : m ? `${m}m ${s}s` : `${g(v)}s`;
+  };
+  return tmpl
+    .replace(/\{\{ if \$labels\.(\w+) \}\}(.*?)(?:\{\{ else \}\}(.*?))?\{\{ end \}\}/g, (_, k, yes, no) => (labels[k] ? yes : (no ?? "")))
+    .replace(/\{\{ \$labels\.(\w+) \}\}/g, (_, k) => labels[k] ?? "")
+    .replace(/\{\{ \$value \| humanizePercentage \}\}/g, () => `${g(value * 100)}%`)
+    .replace(/\{\{ \$value \| humanizeDuration \}\}/g, () => dur(value))
+    .replace(/\{\{ \$value \| humanize \}\}/g, () => g(value))
+    .replace(/\{\{ \$value \}\}/g, () => String(value));
+}

@@ -229,3 +229,4 @@ export class RunFailed extends Error {
     this.name = "RunFailed";
   }
 }
+

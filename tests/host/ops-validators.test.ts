@@ -8,7 +8,7 @@ import * as path from "path";
 import YAML from "yaml";
 import { alertRules, AlertParams } from "../../components/render/alerts";
 import { HostFile, loadOpsScripts, opsEnabledUnits, opsFilesDir, OpsParams, renderOperations } from "../../components/render/ops";
-import { exampleOpsParams, writeFiles } from "../helpers/ops";
+import { exampleOpsParams, expand, writeFiles } from "../helpers/ops";
 import { runScript, Scratch, sh } from "../helpers/host";
 import { spawnSync } from "child_process";
 
@@ -38,7 +38,7 @@ describe("systemd units", () => {
   it("every rendered unit passes systemd-analyze verify", () => {
     const units = fs.readdirSync(unitDir).map((u) => path.join(unitDir, u));
     expect(units.map((u) => path.basename(u)).sort()).toEqual([
-      "ts-backup.service", "ts-backup.timer", "ts-data-sync.service", "ts-data-sync.timer", "ts-drive-mount.service",
+      "ts-backup.service", "ts-backup.timer", "ts-data-sync.service", "ts-data-sync.timer", "ts-drift-check.service", "ts-drift-check.timer", "ts-drive-mount.service",
       "ts-scrub.service", "ts-scrub.timer", "ts-snapshot.service", "ts-snapshot.timer", "ts-usage-collector.service",
       "ts-usage-collector.timer", "ts-verify-restore.service", "ts-verify-restore.timer", "ts-weekly-digest.service", "ts-weekly-digest.timer",
     ]);
@@ -59,7 +59,7 @@ describe("systemd units", () => {
     const cals = Object.entries(files)
       .filter(([p]) => p.endsWith(".timer"))
       .map(([p, f]) => [path.basename(p), /^OnCalendar=(.*)$/m.exec(f.content)![1]] as const);
-    expect(cals.length).toBe(7);
+    expect(cals.length).toBe(8);
     for (const [, cal] of cals) expect(run("systemd-analyze", ["calendar", cal]).status).toBe(0);
     const normalized = (cal: string) => /Normalized form: (.*)/.exec(sh("systemd-analyze", ["calendar", cal]))![1].trim();
     const byTimer = Object.fromEntries(cals);
@@ -68,6 +68,7 @@ describe("systemd units", () => {
     expect(normalized(byTimer["ts-verify-restore.timer"])).toBe("*-*-01 08:00:00");
     expect(normalized(byTimer["ts-snapshot.timer"])).toBe("*-*-* *:00:00");
     expect(normalized(byTimer["ts-weekly-digest.timer"])).toBe("Mon *-*-* 09:00:00");
+    expect(normalized(byTimer["ts-drift-check.timer"])).toBe("*-*-* 05:30:00");
     expect(run("systemd-analyze", ["calendar", "*-*-32 06:00"]).status).not.toBe(0); // control
   });
 });
@@ -79,21 +80,6 @@ const alertParams: AlertParams = {
   driveMountpoint: "/mnt/storage/shared",
   quotaWarnPercent: 80,
 };
-
-/** Go-template functions used in the annotations, as Prometheus formats them (for exp_annotations). */
-function expand(tmpl: string, labels: Record<string, string>, value: number): string {
-  const g = (v: number) => String(Number(v.toPrecision(4)));
-  const dur = (v: number) => {
-    const d = Math.floor(v / 86400), h = Math.floor((v % 86400) / 3600), m = Math.floor((v % 3600) / 60), s = Math.floor(v % 60);
-    return d ? `${d}d ${h}h ${m}m ${s}s` : h ? `${h}h ${m}m ${s}s` : m ? `${m}m ${s}s` : `${g(v)}s`;
-  };
-  return tmpl
-    .replace(/\{\{ \$labels\.(\w+) \}\}/g, (_, k) => labels[k] ?? "")
-    .replace(/\{\{ \$value \| humanizePercentage \}\}/g, () => `${g(value * 100)}%`)
-    .replace(/\{\{ \$value \| humanizeDuration \}\}/g, () => dur(value))
-    .replace(/\{\{ \$value \| humanize \}\}/g, () => g(value))
-    .replace(/\{\{ \$value \}\}/g, () => String(value));
-}
 
 interface Case {
   alert: string;
@@ -175,6 +161,24 @@ const CASES: Case[] = [
     evals: [{ at: "8m", firing: [] }, { at: "15m", firing: [{ labels: { mountpoint: "/mnt/storage/shared" }, value: 0 }] }] },
   { alert: "OpsMetricsStale", interval: "5m", series: [{ series: 'train_server_task_last_run_timestamp_seconds{task="usage-collector"}', values: "0+900x4 3600x30" }],
     evals: [{ at: "1h", firing: [] }, { at: "2h5m", firing: [{ labels: { task: "usage-collector" }, value: 7500 - 3600 }] }] },
+  { alert: "HostDrift", series: [
+      { series: 'train_server_drift{step="server-baseline",item="sshd.conf"}', values: "0x5 1x10" },
+      { series: 'train_server_drift{step="server-baseline",item="ufw-rules"}', values: "0x15" },
+      { series: 'train_server_drift_items{step="server-storage"}', values: "0x15" }],
+    evals: [{ at: "3m", firing: [] }, { at: "10m", firing: [{ labels: { step: "server-baseline", item: "sshd.conf" }, value: 1 }] }] },
+  { alert: "DriftCheckFailing", series: [
+      { series: 'train_server_drift_check_success{step="server-users"}', values: "1x5 0x10" },
+      { series: 'train_server_drift_check_success{step="server-baseline"}', values: "1x15" }],
+    evals: [{ at: "3m", firing: [] }, { at: "10m", firing: [{ labels: { step: "server-users" }, value: 0 }] }] },
+  // the job itself: a success older than 2 days fires (the value is its age); a daily success never does
+  { alert: "DriftCheckFailing", interval: "5m", series: [
+      { series: 'train_server_task_last_success_timestamp_seconds{task="drift-check"}', values: "0x287 86400x600" },
+      { series: 'train_server_task_last_success_timestamp_seconds{task="usage-collector"}', values: "0x900" }],
+    evals: [{ at: "48h", firing: [] }, { at: "73h", firing: [{ labels: { task: "drift-check" }, value: 73 * 3600 - 86400 }] }] },
+  { alert: "DriftCheckFailing", interval: "5m", series: [
+      { series: 'train_server_task_last_success_timestamp_seconds{task="drift-check"}', values: "0x287 86400x287 172800x287 259200x287 345600x300" },
+      { series: 'train_server_drift_check_success{step="server-storage"}', values: "1x1450" }],
+    evals: [{ at: "50h", firing: [] }, { at: "119h", firing: [] }] },
   { alert: "DataSyncFailed", series: [{ series: 'train_server_task_success{task="data-sync"}', values: "1x5 0x5" }, { series: 'train_server_task_success{task="backup"}', values: "0x10" }],
     evals: [{ at: "3m", firing: [] }, { at: "8m", firing: [{ labels: { task: "data-sync" }, value: 0 }] }] },
 ];
@@ -276,6 +280,8 @@ describe("ops-install.sh", () => {
     fs.rmSync(path.join(root, "etc/systemd/system/timers.target.wants/ts-scrub.timer"));
     const check = runScript("ops-install", "check", env);
     expect([check.results.drift, check.changes]).toEqual(["2", 0]);
+    // named, for the drift check's metric: the file by its name, the unit as <unit>.enabled
+    expect(Object.entries(check.results).filter(([k]) => k.startsWith("drift."))).toEqual([["drift.restic-password", "yes"], ["drift.ts-scrub.timer.enabled", "yes"]]);
     expect((fs.statSync(path.join(root, "etc/train-server/ops/restic-password")).mode & 0o777).toString(8)).toBe("644");
     expect(runScript("ops-install", "apply", env).changes).toBe(2);
     expect((fs.statSync(path.join(root, "etc/train-server/ops/restic-password")).mode & 0o777).toString(8)).toBe("600");

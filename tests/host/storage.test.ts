@@ -124,6 +124,7 @@ describe.each([
     const check1 = timed("check", env);
     expectStatus(check1.run, 0);
     expect(check1.run.results.pending).toBe("0");
+    expect(Object.entries(check1.run.results).filter(([k, v]) => k.startsWith("drift.") && v !== "no")).toEqual([]);
 
     // a changed mount option: check reports it and changes nothing; apply remounts and rewrites the line only
     const env2 = { ...env, TS_MOUNT_OPTIONS: "noatime,compress=zstd:1,space_cache=v2" };
@@ -131,6 +132,10 @@ describe.each([
     const check2 = storage("check", env2);
     expectStatus(check2, 0);
     expect(check2.results.pending).toBe("2");
+    // both pending changes (remount, the line) are the fstab line's: the drift check's item
+    expect(Object.entries(check2.results).filter(([k]) => k.startsWith("drift."))).toEqual(
+      ["array", "mount", "fstab", "subvolumes", "quotas", "profile"].map((i) => [`drift.${i}`, i === "fstab" ? "yes" : "no"]),
+    );
     expect(fs.readFileSync(env.TS_FSTAB, "utf8")).toBe(fstabAdopted);
     expect(mountOptions(mp)).toContain("compress=zstd:3");
     const opt = storage("apply", env2);

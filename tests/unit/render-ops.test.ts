@@ -149,6 +149,6 @@ describe("files for ops-install.sh", () => {
     expect(files["/usr/local/lib/train-server/ops/backup.sh"].mode).toBe("0755");
     expect(files["/usr/local/lib/train-server/ops/lib.sh"].mode).toBe("0644");
     expect(dir.units.trim().split("\n")).toEqual(["ts-drive-mount.service", "ts-snapshot.timer", "ts-backup.timer",
-      "ts-verify-restore.timer", "ts-scrub.timer", "ts-usage-collector.timer", "ts-data-sync.timer", "ts-weekly-digest.timer"]);
+      "ts-verify-restore.timer", "ts-scrub.timer", "ts-usage-collector.timer", "ts-drift-check.timer", "ts-data-sync.timer", "ts-weekly-digest.timer"]);
   });
 });
