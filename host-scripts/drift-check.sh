@@ -25,13 +25,7 @@ log_dir=${TS_LOG_DIR:-/var/log/train-server}
 timeout_s=${TS_DRIFT_TIMEOUT:-600}
 [[ $timeout_s =~ ^[1-9][0-9]*$ ]] || die "TS_DRIFT_TIMEOUT must be a whole number of seconds (got '$timeout_s')"
 
-case $action in
-  check | destroy)
-    log "nothing to $action (a collector: run with apply)"
-    finish
-    exit 0
-    ;;
-esac
+ops_collector_only "$action"
 
 ops_start drift-check
 [[ -d $steps_dir ]] || die "$steps_dir does not exist: no step of the program is installed here"

@@ -39,13 +39,7 @@ source "${BASH_SOURCE[0]%/*}/ops-lib.sh"
 action=$(ts_action "${1:-}")
 require_env 'TS_GPU_USERS?' TS_TEXTFILE_DIR TS_STATE_DIR
 
-case $action in
-  check | destroy)
-    log "nothing to $action (a collector: run with apply)"
-    finish
-    exit 0
-    ;;
-esac
+ops_collector_only "$action"
 
 ops_start gpu-ledger
 max_gap=${TS_GPU_LEDGER_MAX_GAP:-180}

@@ -27,6 +27,17 @@ metric() {
   OPS_METRIC_LINES[$name]+="${name}{${labels}} ${value}"$'\n'
 }
 
+# ops_collector_only ACTION: a collector only has `apply`; for check and destroy it reports nothing to do and exits.
+ops_collector_only() {
+  case $1 in
+    check | destroy)
+      log "nothing to $1 (a collector: run with apply)"
+      finish
+      exit 0
+      ;;
+  esac
+}
+
 # ops_start TASK: from here on, the task's outcome is written on exit (success = exit status 0).
 ops_start() {
   OPS_TASK=$1

@@ -13,13 +13,7 @@ source "${BASH_SOURCE[0]%/*}/ops-lib.sh"
 action=$(ts_action "${1:-}")
 require_env TS_MOUNTPOINT TS_USERS TS_USAGE_DIRS 'TS_DRIVE_MOUNTPOINT?' TS_TEXTFILE_DIR
 
-case $action in
-  check | destroy)
-    log "nothing to $action (a collector: run with apply)"
-    finish
-    exit 0
-    ;;
-esac
+ops_collector_only "$action"
 
 ops_start usage-collector
 mountpoint -q "$TS_MOUNTPOINT" || die "$TS_MOUNTPOINT is not mounted"

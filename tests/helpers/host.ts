@@ -142,3 +142,14 @@ export function writeRandomFile(file: string, mb: number): void {
     fs.closeSync(fd);
   }
 }
+
+/** users.sh's inputs for a test: the array at `mp`, its state dir, the shared group, and the TS_USERS lines. */
+export function usersEnv(p: { mp: string; stateDir: string; shared: { group: string; gid: number } }, users: string[]): Record<string, string> {
+  return {
+    TS_MOUNTPOINT: p.mp,
+    TS_USERS: users.join("\n"),
+    TS_STATE_DIR: p.stateDir,
+    TS_SHARED_GROUP: p.shared.group,
+    TS_SHARED_GID: String(p.shared.gid),
+  };
+}

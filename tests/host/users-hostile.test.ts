@@ -7,7 +7,7 @@
  */
 import * as fs from "fs";
 import * as path from "path";
-import { bash, checksumTree, runScript, Scratch, sh, ScriptRun } from "../helpers/host";
+import { bash, checksumTree, runScript, Scratch, sh, ScriptRun, usersEnv } from "../helpers/host";
 
 const ALICE = { name: "tsh-alice", uid: 62001 };
 const BOB = { name: "tsh-bob", uid: 62002 };
@@ -20,13 +20,7 @@ const NAMES = [ALICE.name, BOB.name, MALLORY.name, "tsh-group", "tsh-other"];
 const scratch = new Scratch("ts-users-hostile-");
 const mp = path.join(scratch.dir, "array");
 const stateDir = path.join(scratch.dir, "state");
-const env = (users: string[]): Record<string, string> => ({
-  TS_MOUNTPOINT: mp,
-  TS_USERS: users.join("\n"),
-  TS_STATE_DIR: stateDir,
-  TS_SHARED_GROUP: SHARED.group,
-  TS_SHARED_GID: String(SHARED.gid),
-});
+const env = (users: string[]): Record<string, string> => usersEnv({ mp, stateDir, shared: SHARED }, users);
 const users = (list: string[]): ScriptRun => runScript("users", "apply", env(list));
 function expectStatus(run: ScriptRun, status: number): void {
   if (run.status !== status) throw new Error(`expected exit ${status}, got ${run.status}\n${run.stdout}\n${run.stderr}`);

@@ -5,7 +5,7 @@
  */
 import * as fs from "fs";
 import * as path from "path";
-import { bash, checksumTree, runScript, Scratch, sh } from "../helpers/host";
+import { bash, checksumTree, runScript, Scratch, sh, usersEnv } from "../helpers/host";
 
 const A = { name: "tsu-alice", uid: 61001 };
 const B = { name: "tsu-bob", uid: 61002 };
@@ -21,13 +21,7 @@ const rec = (u: { name: string; uid: number }, admin: 0 | 1, keys: string): stri
 const scratch = new Scratch("ts-users-");
 const mp = path.join(scratch.dir, "array");
 const stateDir = path.join(scratch.dir, "state");
-const env = (users: string[]): Record<string, string> => ({
-  TS_MOUNTPOINT: mp,
-  TS_USERS: users.join("\n"),
-  TS_STATE_DIR: stateDir,
-  TS_SHARED_GROUP: SHARED.group,
-  TS_SHARED_GID: String(SHARED.gid),
-});
+const env = (users: string[]): Record<string, string> => usersEnv({ mp, stateDir, shared: SHARED }, users);
 /** The account databases' lines for our test names (what "nothing changed" compares). */
 const accountLines = (): string =>
   bash(`grep -h '^tsu-' /etc/passwd /etc/group /etc/shadow /etc/gshadow | sort`).stdout +

@@ -17,6 +17,7 @@ import { parseDocument } from "yaml";
 import { ConfigError, ConfigIssue } from "../../components/config";
 import { parseStackText, REPO_ROOT } from "../../tools/harness";
 import { planStack } from "../../tools/plan";
+import { rng } from "../helpers/edge";
 
 // Pulumi's runtime records a stack trace for every promise it makes (runtime/debuggable.js); with source maps that
 // is ~90 % of a program run under mocks. The campaign reads messages only: no frames, ~0.3 s per accepted run.
@@ -24,18 +25,7 @@ Error.stackTraceLimit = 0;
 jest.setTimeout(60_000);
 
 const SEED = 0x16f022;
-/** mulberry32: a small deterministic PRNG. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-const rand = prng(SEED);
+const rand = rng(SEED);
 const int = (lo: number, hi: number) => lo + Math.floor(rand() * (hi - lo + 1));
 const pick = <T>(xs: readonly T[]): T => xs[int(0, xs.length - 1)];
 
