@@ -685,6 +685,11 @@ function intToIp(n: number): string {
   return [24, 16, 8, 0].map((s) => (n >>> s) & 255).join(".");
 }
 
+/** The netmask of an IPv4 prefix length, as an unsigned 32-bit number (/24 -> 0xffffff00). */
+function prefixMask(bits: number): number {
+  return bits === 0 ? 0 : (~0 << (32 - bits)) >>> 0;
+}
+
 function ipToInt(ip: string): number {
   return ip.split(".").reduce((acc, o) => acc * 256 + Number(o), 0);
 }
@@ -693,7 +698,7 @@ function cidrContains(cidr: string, ip: string): boolean | undefined {
   const [net, bitsS] = cidr.split("/");
   const bits = Number(bitsS);
   if (!IPV4.test(net) || bits > 32) return undefined;
-  const mask = bits === 0 ? 0 : (~0 << (32 - bits)) >>> 0;
+  const mask = prefixMask(bits);
   return ((ipToInt(net) & mask) >>> 0) === ((ipToInt(ip) & mask) >>> 0);
 }
 
@@ -821,7 +826,7 @@ function crossCheck(c: RawConfig, issues: ConfigIssue[]): void {
   else {
     const [net, bitsS] = c.host.lanCidr.split("/");
     const bits = Number(bitsS);
-    const mask = bits === 0 ? 0 : (~0 << (32 - bits)) >>> 0;
+    const mask = prefixMask(bits);
     const netInt = ipToInt(net);
     const addr = ipToInt(c.host.lanAddress);
     if (bits < 8) add("host.lanCidr", `${c.host.lanCidr} is wider than a /8 (the firewall opens the users' ports to it); an office LAN is /8 to /32, e.g. 192.168.1.0/24`);
@@ -839,7 +844,7 @@ function crossCheck(c: RawConfig, issues: ConfigIssue[]): void {
   c.host.adminSources.forEach((src, i) => {
     const p = `host.adminSources[${i}]`;
     const [net, bits] = src.split("/");
-    const mask = Number(bits) === 0 ? 0 : (~0 << (32 - Number(bits))) >>> 0;
+    const mask = prefixMask(Number(bits));
     const base = (ipToInt(net) & mask) >>> 0;
     if (base !== ipToInt(net))
       add(p, `${src} has host bits set; write the network ${intToIp(base)}/${bits}, or ${net}/32 for one machine`);

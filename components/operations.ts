@@ -127,6 +127,11 @@ type OpsSecrets = { resticPassword: string; rcloneConfig: string; telegramBotTok
 const PLACEHOLDER_A: OpsSecrets = { resticPassword: "-", rcloneConfig: "-", telegramBotToken: "0:layout" };
 const PLACEHOLDER_B: OpsSecrets = { resticPassword: "+", rcloneConfig: "+", telegramBotToken: "1:other" };
 
+/** The ops step's files directory (`f001`…, manifest, units) for a config, secrets and cache size (pure). */
+function renderOpsDir(config: ServerConfig, scripts: ReturnType<typeof loadOpsScripts>, units: string[], sec: OpsSecrets, cacheGb: number): Record<string, string> {
+  return opsFilesDir(renderOperations(opsParams(config, cacheGb, sec), scripts), units);
+}
+
 /**
  * Which of the ops step's files depend on what (pure): `plain` (neither secrets nor the cache size: shown as text
  * in `pulumi preview --diff`), `cache` (the Drive cache size, known only once the array reports its size; not
@@ -138,7 +143,7 @@ export function opsFileSecrecy(
   scripts: ReturnType<typeof loadOpsScripts>,
   units: string[],
 ): { kind: Record<string, "plain" | "cache" | "secret">; plain: Record<string, string> } {
-  const r = (sec: OpsSecrets, gb: number) => opsFilesDir(renderOperations(opsParams(config, gb, sec), scripts), units);
+  const r = (sec: OpsSecrets, gb: number) => renderOpsDir(config, scripts, units, sec, gb);
   const a = r(PLACEHOLDER_A, 1);
   const b = r(PLACEHOLDER_B, 1);
   const c = r(PLACEHOLDER_A, 2);
@@ -176,7 +181,7 @@ export class Operations extends pulumi.ComponentResource {
     const scripts = loadOpsScripts();
     const units = opsEnabledUnits({ ...(config.dataSync?.enabled ? { dataSync: config.dataSync } : {}) });
     const { kind, plain } = opsFileSecrecy(config, scripts, units);
-    const renderWith = (sec: OpsSecrets, cacheGb: number) => opsFilesDir(renderOperations(opsParams(config, cacheGb, sec), scripts), units);
+    const renderWith = (sec: OpsSecrets, cacheGb: number) => renderOpsDir(config, scripts, units, sec, cacheGb);
     // what a review sees: plain files as text in `pulumi preview --diff`; the cache size (known at apply) only in
     // the files it shapes; real secrets only inside the files that embed one, and those files stay secret
     const real = pulumi
