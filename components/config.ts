@@ -12,6 +12,7 @@
  */
 import * as pulumi from "@pulumi/pulumi";
 import { z } from "zod";
+import { WORKSPACE_ROUTE_SUFFIXES } from "./routes";
 
 export const CONFIG_NAMESPACE = "train-server";
 
@@ -982,7 +983,7 @@ function crossCheck(c: RawConfig, issues: ConfigIssue[]): void {
     else labels.set(label, path);
   }
   c.users.forEach((u, i) => {
-    for (const suffix of ["code", "jupyter"]) {
+    for (const suffix of WORKSPACE_ROUTE_SUFFIXES) {
       const label = `${u.name}-${suffix}`;
       if (labels.has(label)) add(`users[${i}].name`, `route ${label}.${c.domain} collides with ${labels.get(label)}; rename the user or the service hostname`);
       else labels.set(label, `users[${i}]`);

@@ -702,7 +702,7 @@ function checkUsers({ config, facts, now, samples, targets: t }: Env): Check[] {
     const banner = facts[`${p}.ssh`];
     if (banner?.startsWith("SSH-2.0-")) out.push(ok(`${p}.ssh`, `port ${u.sshPort} on ${config.host.lanAddress} answers (${banner.trim()})`));
     else out.push(fail(`${p}.ssh`, `port ${u.sshPort} on ${config.host.lanAddress} does not answer with SSH (${banner ?? "not asked"})`, `see docker.${container}; sudo docker logs --tail 50 ${container}`));
-    // code-server and Jupyter through Traefik
+    // code-server, Jupyter and TensorBoard (through code-server) through Traefik
     const v = t.routes.filter((r) => r.audience.kind === "user" && r.audience.user === u.name).map((r) => ({ r, v: routeVerdict(r, facts, config.host.lanAddress) }));
     const bad = v.filter((x) => !x.v.good);
     if (bad.length) out.push(fail(`${p}.web`, bad.map((x) => x.v.text).join("; "), bad[0].v.fix));

@@ -25,6 +25,11 @@ export interface Route {
   /** Port the backend listens on inside its container. */
   port: number;
   audience: Audience;
+  /**
+   * Where a request for the bare hostname (`/`) is sent: Traefik answers `/` with a relative redirect here. The
+   * per-user TensorBoard lives at code-server's authenticated `/absproxy/6006/`, so the hostname opens it directly.
+   */
+  entryPath?: string;
 }
 
 /** The backends of the shared services: container name and internal port. */
@@ -39,8 +44,20 @@ export const SERVICE_BACKENDS: Record<ServiceName, { container: string; port: nu
   filebrowser: { container: "filebrowser", port: 80, audience: "team" },
 };
 
-/** Per-user web routes of a workspace container: suffix → internal port. */
-export const WORKSPACE_ROUTES = { code: WORKSPACE_PORTS.codeServer, jupyter: WORKSPACE_PORTS.jupyter } as const;
+/**
+ * Per-user web routes of a workspace container: suffix → the port Traefik sends to, and the entry path of `/`.
+ * The user's TensorBoard has no login of its own, so it listens on the workspace's loopback only and is reached
+ * through code-server's authenticated port proxy (`/absproxy/<port>/`: the path is passed on whole, and TensorBoard
+ * runs with that path prefix): other workspaces on the services network cannot open it without the password.
+ */
+export const WORKSPACE_ROUTES: Record<string, { port: number; entryPath?: string }> = {
+  code: { port: WORKSPACE_PORTS.codeServer },
+  jupyter: { port: WORKSPACE_PORTS.jupyter },
+  tensorboard: { port: WORKSPACE_PORTS.codeServer, entryPath: `/absproxy/${WORKSPACE_PORTS.tensorboard}/` },
+};
+
+/** The route suffixes of a user (`<user>-<suffix>.<domain>`). */
+export const WORKSPACE_ROUTE_SUFFIXES = Object.keys(WORKSPACE_ROUTES);
 
 /** Container name of a user's workspace. */
 export function workspaceContainer(user: Pick<UserConfig, "name">): string {
@@ -61,13 +78,14 @@ export function buildRoutes(config: ServerConfig): Route[] {
     });
   }
   for (const u of [...config.users].sort((a, b) => a.uid - b.uid)) {
-    for (const [suffix, port] of Object.entries(WORKSPACE_ROUTES)) {
+    for (const [suffix, { port, entryPath }] of Object.entries(WORKSPACE_ROUTES)) {
       routes.push({
         id: `${u.name}-${suffix}`,
         hostname: `${u.name}-${suffix}.${config.domain}`,
         container: workspaceContainer(u),
         port,
         audience: { kind: "user", user: u.name },
+        ...(entryPath ? { entryPath } : {}),
       });
     }
   }

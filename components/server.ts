@@ -35,7 +35,9 @@ export interface UserOutputs {
   desktopPort: number;
   codeUrl: string;
   jupyterUrl: string;
-  /** Password of the user's desktop, code-server and Jupyter (a secret). */
+  /** The user's own TensorBoard (their /shared/tensorboard/<user>), behind code-server's login. */
+  tensorboardUrl: string;
+  /** Password of the user's desktop, code-server (and so their TensorBoard) and Jupyter (a secret). */
   password: pulumi.Output<string>;
 }
 
@@ -101,6 +103,7 @@ export class TrainServer extends pulumi.ComponentResource {
           desktopPort: u.desktopPort,
           codeUrl: `https://${u.name}-code.${config.domain}`,
           jupyterUrl: `https://${u.name}-jupyter.${config.domain}`,
+          tensorboardUrl: `https://${u.name}-tensorboard.${config.domain}`,
           password: this.workspaces[u.name].password,
         },
       ]),

@@ -78,11 +78,16 @@ export function lanAccess(route: Pick<Route, "audience">, policy: Pick<TraefikPo
   return policy.adminSources.length > 0 ? "adminSources" : "nobody";
 }
 
+/** An entry path: absolute, of URL path characters, ending in '/'. */
+const ENTRY_PATH = /^\/(?:[A-Za-z0-9._~-]+\/)*$/;
+
 /**
  * Traefik docker-provider labels routing `routes` (all served by one container) to that container. Per route:
  *   - router `<id>` on the tunnel entrypoint, behind the ipAllowList middleware `<id>-tunnel-sources`;
  *   - unless `lanAccess` says nobody, router `<id>-lan` on the LAN entrypoint; for an admin route it carries the
- *     ipAllowList middleware `<id>-admin-sources` with exactly host.adminSources.
+ *     ipAllowList middleware `<id>-admin-sources` with exactly host.adminSources;
+ *   - a route with an `entryPath` has the redirectRegex middleware `<id>-entry` on both routers, after the source
+ *     check: `/` answers with a relative redirect to the entry path, every other path passes untouched.
  * Middlewares are per route (no two containers define the same middleware name).
  */
 export function traefikLabels(routes: Route[], policy: TraefikPolicy): Record<string, string> {
@@ -104,7 +109,15 @@ export function traefikLabels(routes: Route[], policy: TraefikPolicy): Record<st
     labels[`traefik.http.routers.${r.id}.rule`] = rule;
     labels[`traefik.http.routers.${r.id}.entrypoints`] = tunnel.name;
     labels[`traefik.http.routers.${r.id}.service`] = r.id;
-    labels[`traefik.http.routers.${r.id}.middlewares`] = `${r.id}-tunnel-sources`;
+    // the entry redirect comes after the source check: a refused source never learns where the route leads
+    const entry = r.entryPath === undefined ? [] : [`${r.id}-entry`];
+    if (r.entryPath !== undefined) {
+      if (!ENTRY_PATH.test(r.entryPath)) throw new Error(`traefikLabels: route ${r.id}: entryPath "${r.entryPath}" must be an absolute path like /absproxy/6006/`);
+      // only the bare hostname is redirected; the Location is relative, so the browser keeps https and the host
+      labels[`traefik.http.middlewares.${r.id}-entry.redirectregex.regex`] = "^[a-z]+://[^/]+/?$";
+      labels[`traefik.http.middlewares.${r.id}-entry.redirectregex.replacement`] = r.entryPath;
+    }
+    labels[`traefik.http.routers.${r.id}.middlewares`] = [`${r.id}-tunnel-sources`, ...entry].join(",");
     labels[`traefik.http.middlewares.${r.id}-tunnel-sources.ipallowlist.sourcerange`] = policy.tunnelSources.join(",");
     const access = lanAccess(r, policy);
     if (access !== "nobody") {
@@ -112,8 +125,9 @@ export function traefikLabels(routes: Route[], policy: TraefikPolicy): Record<st
       labels[`traefik.http.routers.${r.id}-lan.entrypoints`] = lan.name;
       labels[`traefik.http.routers.${r.id}-lan.service`] = r.id;
     }
+    const lanMiddlewares = [...(access === "adminSources" ? [`${r.id}-admin-sources`] : []), ...(access !== "nobody" ? entry : [])];
+    if (lanMiddlewares.length) labels[`traefik.http.routers.${r.id}-lan.middlewares`] = lanMiddlewares.join(",");
     if (access === "adminSources") {
-      labels[`traefik.http.routers.${r.id}-lan.middlewares`] = `${r.id}-admin-sources`;
       labels[`traefik.http.middlewares.${r.id}-admin-sources.ipallowlist.sourcerange`] = policy.adminSources.join(",");
     }
     labels[`traefik.http.services.${r.id}.loadbalancer.server.port`] = String(r.port);

@@ -113,12 +113,13 @@ export const WORKSPACE_CACHE_ENV: Readonly<Record<string, string>> = Object.free
 
 /** Ports inside the container. The host publishes SSH as 2222+slot; code-server and JupyterLab go through
  * Traefik on the docker network (not published). X2Go runs over SSH: no desktop port of its own. */
-export const WORKSPACE_PORTS = { ssh: 22, codeServer: 8080, jupyter: 8888 } as const;
+/** Listening ports inside the workspace; tensorboard (the user's own) on loopback only, behind code-server's proxy. */
+export const WORKSPACE_PORTS = { ssh: 22, codeServer: 8080, jupyter: 8888, tensorboard: 6006 } as const;
 
 /** supervisord programs of each target (all must be RUNNING for the healthcheck to pass). */
 export const WORKSPACE_PROGRAMS = {
   core: ["dockerd", "graceful-stop", "sshd"],
-  full: ["code-server", "dockerd", "graceful-stop", "jupyter", "sshd", "x2go-cleansessions"],
+  full: ["code-server", "dockerd", "graceful-stop", "jupyter", "sshd", "tensorboard", "x2go-cleansessions"],
 } as const;
 
 /** One bind mount of the workspace container. */

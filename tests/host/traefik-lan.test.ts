@@ -45,6 +45,8 @@ const BRIDGE = `tsl${ID}br`;
 interface Answer {
   status?: number;
   body?: string;
+  /** the Location header of a redirect */
+  location?: string;
   error?: string;
 }
 
@@ -55,7 +57,7 @@ const req = http.get(url, { headers: { Host: host }, agent: false, timeout: 5000
   let body = "";
   res.setEncoding("utf8");
   res.on("data", (d) => (body += d));
-  res.on("end", () => console.log(JSON.stringify({ status: res.statusCode, body })));
+  res.on("end", () => console.log(JSON.stringify({ status: res.statusCode, body, ...(res.headers.location ? { location: res.headers.location } : {}) })));
 });
 req.on("timeout", () => req.destroy(Object.assign(new Error("timeout"), { code: "TIMEOUT" })));
 req.on("error", (e) => console.log(JSON.stringify({ error: e.code || e.message })));
@@ -63,6 +65,7 @@ req.on("error", (e) => console.log(JSON.stringify({ error: e.code || e.message }
 
 /** GET `url` with Host `host` from network namespace `ns` (undefined: the host's own namespace). */
 function get(ns: string | undefined, url: string, host: string): Answer {
+  // url's path is sent as given (the backends answer every path)
   const cmd = [process.execPath, "-e", CLIENT, url, host];
   const r = ns ? spawnSync("ip", ["netns", "exec", ns, ...cmd], { encoding: "utf8" }) : spawnSync(cmd[0], cmd.slice(1), { encoding: "utf8" });
   if (r.status !== 0) throw new Error(`client in ${ns ?? "host"} failed: ${r.stderr}`);
@@ -271,7 +274,7 @@ beforeAll(() => {
     for (let i = 0; i < 50 && alive(); i++) spawnSync("sleep", ["0.2"]);
     if (alive()) process.kill(traefikPid, "SIGKILL");
   });
-  waitForRouters((r) => ["portainer@docker", "portainer-lan@docker", "filebrowser@docker", "filebrowser-lan@docker", "alice-code@docker", "alice-code-lan@docker"].every((n) => r[n]), "the labelled routers");
+  waitForRouters((r) => ["portainer@docker", "portainer-lan@docker", "filebrowser@docker", "filebrowser-lan@docker", "alice-code@docker", "alice-code-lan@docker", "alice-tensorboard@docker", "alice-tensorboard-lan@docker"].every((n) => r[n]), "the labelled routers");
 });
 
 afterAll(() => scratch?.cleanup());
@@ -322,6 +325,22 @@ describe("with host.adminSources = [A]: requests to the LAN entrypoint (the offi
       expect(get(ns, lan(), hostOf("filebrowser"))).toEqual({ status: 200, body: `backend=filebrowser port=80 host=${hostOf("filebrowser")} xff=${addr}\n` });
       expect(get(ns, lan(), hostOf("alice-code"))).toEqual({ status: 200, body: `backend=workspace-alice port=8080 host=${hostOf("alice-code")} xff=${addr}\n` });
     }
+  });
+
+  test("the user's TensorBoard hostname: / is a relative redirect to code-server's proxy path, which reaches alice's code-server", () => {
+    const tb = routes.find((r) => r.id === "alice-tensorboard")!;
+    expect(tb).toMatchObject({ container: "workspace-alice", port: 8080, entryPath: "/absproxy/6006/" });
+    for (const [ns, addr] of [[NS.a, adminA], [NS.b, otherB]]) {
+      const root = get(ns, lan(), tb.hostname);
+      expect(root.location).toBe("/absproxy/6006/");
+      expect([302, 307]).toContain(root.status);
+      expect(get(ns, `${lan()}absproxy/6006/`, tb.hostname)).toEqual({ status: 200, body: `backend=workspace-alice port=8080 host=${tb.hostname} xff=${addr}\n` });
+      // any other path is passed untouched (code-server's own login page, its assets)
+      expect(get(ns, `${lan()}login`, tb.hostname)).toEqual({ status: 200, body: `backend=workspace-alice port=8080 host=${tb.hostname} xff=${addr}\n` });
+    }
+    // the same on the tunnel entrypoint, after its source check
+    expect(get(undefined, `http://${srvSvc}:81/`, tb.hostname)).toMatchObject({ location: "/absproxy/6006/" });
+    expect(get(NS.a, `http://${lanAddress}:81/`, tb.hostname)).toEqual({ status: 403, body: "Forbidden" });
   });
 
   test("control: a hostname no route has is Traefik's 404", () => {

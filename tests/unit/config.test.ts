@@ -67,6 +67,7 @@ const BAD: Case[] = [
   ["service hostname not a DNS label", (c) => (c.hostnames = { grafana: "Graf ana" }), "hostnames.grafana", /not a DNS label/],
   ["two services on one hostname", (c) => (c.hostnames = { grafana: "health" }), "hostnames.grafana", /also used by hostnames\.netdata/],
   ["service hostname colliding with a user route", (c) => (c.hostnames = { filebrowser: "bob-code" }), "users[1].name", /collides with hostnames\.filebrowser/],
+  ["service hostname colliding with a user's TensorBoard route", (c) => (c.hostnames = { grafana: "bob-tensorboard" }), "users[1].name", /route bob-tensorboard\.example\.com collides with hostnames\.grafana/],
   ["LAN address outside the LAN", (c) => (c.host.lanAddress = "10.0.0.5"), "host.lanAddress", /not inside host\.lanCidr/],
   ["LAN address not IPv4", (c) => (c.host.lanAddress = "192.168.1.300"), "host.lanAddress", /IPv4/],
   ["admin source without a prefix", (c) => (c.host.adminSources = ["192.168.1.10"]), "host.adminSources[0]", /must be an IPv4 CIDR like "192\.168\.1\.10\/32"/],

@@ -7,7 +7,7 @@ import * as pulumi from "@pulumi/pulumi";
 import { parseConfig, ServerConfig } from "../../components/config";
 import { Edge, accessTable, audienceKey, localDnsParams, MFA_AUTHENTICATORS, publishedRoutes, tunnelToken, workspaceDomain } from "../../components/edge";
 import { lanAccess, TRAEFIK_TUNNEL_URL } from "../../components/render/services";
-import { audienceDomains, audienceEmails, buildRoutes } from "../../components/routes";
+import { audienceDomains, audienceEmails, buildRoutes, WORKSPACE_ROUTE_SUFFIXES } from "../../components/routes";
 import { dependsOn, Registered, runUnderMocks } from "../../tools/harness";
 import { checkInvariant, GOOGLE_SECRET, randomConfig, runEdge, T } from "../helpers/edge";
 import { clone, stackRaw } from "../helpers/program";
@@ -182,7 +182,7 @@ describe("prod", () => {
     ]);
     const d = localDnsParams(prod);
     expect(d.hostnames.sort()).toEqual(buildRoutes(prod).filter((r) => r.audience.kind !== "admins").map((r) => r.hostname).sort());
-    expect(d.hostnames).toHaveLength(2 + 2 * 5);
+    expect(d.hostnames).toHaveLength(2 + WORKSPACE_ROUTE_SUFFIXES.length * 5);
   });
 
   test("traefikUrl is honoured", async () => {
@@ -289,7 +289,7 @@ describe("adding and removing a user", () => {
     const added = [...a.keys()].filter((k) => !b.has(k)).sort();
     const removed = [...b.keys()].filter((k) => !a.has(k));
     expect(added).toEqual(
-      [`${T.app}::edge-app-frank-code`, `${T.app}::edge-app-frank-jupyter`, `${T.dns}::edge-dns-frank-code`, `${T.dns}::edge-dns-frank-jupyter`, `${T.policy}::edge-policy-user-frank`].sort(),
+      [...WORKSPACE_ROUTE_SUFFIXES.flatMap((s) => [`${T.app}::edge-app-frank-${s}`, `${T.dns}::edge-dns-frank-${s}`]), `${T.policy}::edge-policy-user-frank`].sort(),
     );
     expect(removed).toEqual([]);
     const changed = [...b.keys()].filter((k) => JSON.stringify(b.get(k)!.inputs) !== JSON.stringify(a.get(k)!.inputs)).sort();
@@ -306,7 +306,7 @@ describe("adding and removing a user", () => {
     const before = (await runEdge(prod)).resources;
     const a = new Set(after.map(key));
     expect(before.map(key).filter((k) => !a.has(k)).sort()).toEqual(
-      [`${T.app}::edge-app-dave-code`, `${T.app}::edge-app-dave-jupyter`, `${T.dns}::edge-dns-dave-code`, `${T.dns}::edge-dns-dave-jupyter`, `${T.policy}::edge-policy-user-dave`].sort(),
+      [...WORKSPACE_ROUTE_SUFFIXES.flatMap((s) => [`${T.app}::edge-app-dave-${s}`, `${T.dns}::edge-dns-dave-${s}`]), `${T.policy}::edge-policy-user-dave`].sort(),
     );
   });
 });
@@ -352,7 +352,7 @@ describe("edge cases", () => {
     const root = resources.find((r) => r.type === "train-server:edge:Edge")!;
     expect(root.name).toBe("edge");
     for (const r of resources.filter((x) => x.parent === root.urn)) expect(r.name.startsWith("edge-")).toBe(true);
-    expect(Object.keys(accessTable(prod))).toHaveLength(18);
+    expect(Object.keys(accessTable(prod))).toHaveLength(8 + WORKSPACE_ROUTE_SUFFIXES.length * 5);
   });
 });
 

@@ -5,6 +5,7 @@
 import { parseConfig } from "../../components/config";
 import { publishedRoutes } from "../../components/edge";
 import { LocalDnsParams, renderDnsmasq, renderHostsBlock } from "../../components/render/localdns";
+import { WORKSPACE_ROUTE_SUFFIXES } from "../../components/routes";
 import { stackRaw } from "../helpers/program";
 
 const params: LocalDnsParams = {
@@ -87,9 +88,9 @@ describe("prod", () => {
   it("lists every published route hostname once, at host.lanAddress", () => {
     const p = { address: config.host.lanAddress, hostnames: publishedRoutes(config).map((r) => r.hostname), label: config.domain };
     const hosts = renderHostsBlock(p).split("\n").filter((l) => l && !l.startsWith("#"));
-    expect(hosts).toHaveLength(8 + 2 * 5);
+    expect(hosts).toHaveLength(8 + WORKSPACE_ROUTE_SUFFIXES.length * 5);
     expect(hosts.map((l) => l.split(/ +/)[1]).sort()).toEqual([...p.hostnames].sort());
     expect(new Set(hosts.map((l) => l.split(/ +/)[0]))).toEqual(new Set(["192.168.1.50"]));
-    expect(renderDnsmasq(p).match(/^host-record=/gm)).toHaveLength(18);
+    expect(renderDnsmasq(p).match(/^host-record=/gm)).toHaveLength(8 + WORKSPACE_ROUTE_SUFFIXES.length * 5);
   });
 });

@@ -166,6 +166,20 @@ describe("traefikLabels", () => {
     expect(() => traefikLabels(r, { ...DEFAULT, tunnelSources: [] })).toThrow(/tunnelSources is empty/);
   });
 
+  it("an entry path redirects only the bare hostname, after the source check, and must be an absolute path", () => {
+    const r: Route = { id: "x-tensorboard", hostname: "x-tensorboard.example.com", container: "workspace-x", port: 8080, audience: { kind: "user", user: "x" }, entryPath: "/absproxy/6006/" };
+    const labels = traefikLabels([r], { adminSources: [], tunnelSources: GW });
+    expect(labels["traefik.http.middlewares.x-tensorboard-entry.redirectregex.regex"]).toBe("^[a-z]+://[^/]+/?$");
+    expect(labels["traefik.http.middlewares.x-tensorboard-entry.redirectregex.replacement"]).toBe("/absproxy/6006/");
+    const re = new RegExp(labels["traefik.http.middlewares.x-tensorboard-entry.redirectregex.regex"]);
+    expect(["http://x-tensorboard.example.com", "http://x-tensorboard.example.com/"].every((u) => re.test(u))).toBe(true);
+    expect(["http://x-tensorboard.example.com/absproxy/6006/", "http://x-tensorboard.example.com/login?to=/"].some((u) => re.test(u))).toBe(false);
+    expect(labels["traefik.http.routers.x-tensorboard.middlewares"]).toBe("x-tensorboard-tunnel-sources,x-tensorboard-entry");
+    expect(labels["traefik.http.routers.x-tensorboard-lan.middlewares"]).toBe("x-tensorboard-entry");
+    for (const bad of ["absproxy/6006/", "/absproxy/6006", "//evil.example/", "/a b/", "https://evil.example/"])
+      expect(() => traefikLabels([{ ...r, entryPath: bad }], { adminSources: [], tunnelSources: GW })).toThrow(/entryPath .* must be an absolute path/);
+  });
+
   describe.each([
     ["default (no admin sources)", [] as string[]],
     ["admin sources", ["192.168.1.10/32", "192.168.1.64/26"]],
@@ -190,7 +204,12 @@ describe("traefikLabels", () => {
 
     it("the tunnel entrypoint serves every hostname, each router only to the services network's gateway", () => {
       expect(on("tunnel")).toEqual(routes.map((r) => r.hostname).sort());
-      for (const r of routes) expect(range(all[r.id].middlewares)).toBe("172.18.0.1/32");
+      for (const r of routes) {
+        // the source check first; a route with an entry path then has its redirect, and no other route has one
+        expect(all[r.id].middlewares).toBe(r.entryPath ? `${r.id}-tunnel-sources,${r.id}-entry` : `${r.id}-tunnel-sources`);
+        expect(range(`${r.id}-tunnel-sources`)).toBe("172.18.0.1/32");
+      }
+      expect(routes.filter((r) => r.entryPath).map((r) => r.id)).toEqual(config.users.map((u) => `${u.name}-tensorboard`).sort());
     });
 
     it("the LAN entrypoint serves team and user hostnames, and admin hostnames only behind exactly the admin sources", () => {
@@ -200,7 +219,7 @@ describe("traefikLabels", () => {
       expect(on("lan")).toEqual([...others, ...(adminSources.length ? admin.map((r) => r.hostname) : [])].sort());
       for (const r of routes) {
         const lan = all[`${r.id}-lan`];
-        if (r.audience.kind !== "admins") expect(lan.middlewares).toBeUndefined();
+        if (r.audience.kind !== "admins") expect(lan.middlewares).toBe(r.entryPath ? `${r.id}-entry` : undefined);
         else if (adminSources.length === 0) expect(lan).toBeUndefined();
         else {
           expect(lan.middlewares).toBe(`${r.id}-admin-sources`);

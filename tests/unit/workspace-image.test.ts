@@ -7,6 +7,7 @@
 import * as fs from "fs";
 import * as os from "os";
 import * as path from "path";
+import { WORKSPACE_ROUTES } from "../../components/routes";
 import {
   WORKSPACE_CACHE_ENV,
   WORKSPACE_CACHE_MOUNTS,
@@ -295,6 +296,17 @@ describe("image files agree with the contract in components/render/workspace-ima
     expect(read("supervisor/dockerd.conf")).toContain(`--data-root=${WORKSPACE_DIND_DATA_ROOT} `);
     expect(read("supervisor/code-server.conf")).toContain(`0.0.0.0:${WORKSPACE_PORTS.codeServer}`);
     expect(read("supervisor/jupyter.conf")).toContain(`--port=${WORKSPACE_PORTS.jupyter}`);
+  });
+
+  test("the user's TensorBoard listens on loopback only, under the path code-server's proxy passes on (the route's entry path)", () => {
+    const tb = read("supervisor/tensorboard.conf");
+    const entry = WORKSPACE_ROUTES.tensorboard.entryPath!;
+    expect(entry).toBe(`/absproxy/${WORKSPACE_PORTS.tensorboard}/`);
+    expect(WORKSPACE_ROUTES.tensorboard.port).toBe(WORKSPACE_PORTS.codeServer);
+    expect(tb).toContain(` --host=127.0.0.1 --port=${WORKSPACE_PORTS.tensorboard} --path_prefix=${entry.replace(/\/$/, "")} `);
+    expect(tb).toContain("--logdir=/shared/tensorboard/%(ENV_WORKSPACE_USER)s ");
+    expect(tb).toMatch(/^user=%\(ENV_WORKSPACE_USER\)s$/m);
+    expect(tb).not.toMatch(/0\.0\.0\.0|--bind_all/);
   });
 });
 
