@@ -404,6 +404,8 @@ const userSchema = z
     quotaGb: quota().optional(),
     /** The user's own Telegram chat with the alert bot: idle-GPU notices go there too (the admin chat always gets them). */
     telegramChatId: z.string().regex(CHAT_ID, "must be a numeric Telegram chat id (the user's chat with the bot)").optional(),
+    /** Replace this user's workspace at the next `up` even if it is busy (set it back to false afterwards). */
+    rolloutNow: z.boolean().default(false),
   })
   .strict();
 
@@ -482,6 +484,17 @@ const snapshotsSchema = z
   })
   .strict();
 
+/** Some days of the week, from a start to an end time on each (server local time, not across midnight). */
+function weekWindow(d: { days: Array<(typeof WEEKDAYS)[number]>; start: string; end: string }) {
+  return z
+    .object({
+      days: z.array(z.enum(WEEKDAYS)).min(1, "needs at least one day").default(d.days),
+      start: z.string().regex(HHMM, `must be a time like "${d.start}"`).default(d.start),
+      end: z.string().regex(HHMM, `must be a time like "${d.end}"`).default(d.end),
+    })
+    .strict();
+}
+
 const alertsSchema = z
   .object({
     /** Telegram chat id (negative for groups). The bot token is the secret `telegramBotToken`. */
@@ -498,14 +511,7 @@ const alertsSchema = z
      */
     gpuIdleHours: z.number({ error: "must be a number of hours" }).positive().max(24).default(4),
     /** When idle pinned GPUs count, in the server's local time. */
-    workingHours: z
-      .object({
-        days: z.array(z.enum(WEEKDAYS)).min(1, "needs at least one day").default(["monday", "tuesday", "wednesday", "thursday", "friday"]),
-        start: z.string().regex(HHMM, 'must be a time like "09:00"').default("09:00"),
-        end: z.string().regex(HHMM, 'must be a time like "18:00"').default("18:00"),
-      })
-      .strict()
-      .prefault({}),
+    workingHours: weekWindow({ days: ["monday", "tuesday", "wednesday", "thursday", "friday"], start: "09:00", end: "18:00" }).prefault({}),
     /** The weekly Telegram digest (GPU hours, idle reservations, quotas, backups): day and time. */
     digestDay: z.enum(WEEKDAYS).default("monday"),
     digestAt: z.string().regex(HHMM, 'must be a time like "09:00"').default("09:00"),
@@ -553,6 +559,24 @@ const workspaceSchema = z
   .object({
     /** Base image of the workspace image (a CUDA runtime with cuDNN). */
     baseImage: z.string().regex(IMAGE_REF, 'must be a docker image reference like "nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04"').default("nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04"),
+    /**
+     * Rollouts never kill a job: before `pulumi up` replaces a workspace (new image, limits, GPUs, mounts, routes),
+     * its guard step looks for running work (GPU processes, CPU use, SSH or desktop sessions) and, if it finds any,
+     * keeps that workspace as it is (the up names who and what) until the user runs `rollout-ready`, the admin sets
+     * users[i].rolloutNow, or the maintenance window comes.
+     */
+    rollout: z
+      .object({
+        /** When busy workspaces are replaced anyway (server local time); none by default. */
+        window: weekWindow({ days: ["saturday"], start: "02:00", end: "06:00" }).optional(),
+        /** CPU use (in cores, averaged over cpuSampleSeconds) at which a workspace counts as busy. */
+        busyCpuCores: z.number({ error: "must be a number of cores" }).positive().max(LIMITS.cpuCores).default(0.5),
+        cpuSampleSeconds: z.number().int("must be whole seconds").min(1).max(60).default(5),
+        /** How long a user's `rollout-ready` stays good. */
+        readyMaxAgeHours: z.number().int("must be whole hours").min(1).max(168).default(24),
+      })
+      .strict()
+      .prefault({}),
   })
   .strict();
 
@@ -602,6 +626,8 @@ export interface UserConfig {
   desktopPort: number;
   /** The user's Telegram chat with the alert bot (idle-GPU notices), when set. */
   telegramChatId?: string;
+  /** Replace a busy workspace anyway at the next up (the admin's override of the rollout guard). */
+  rolloutNow: boolean;
 }
 
 /** The validated, defaulted, frozen configuration of one server. */
@@ -1047,16 +1073,9 @@ function crossCheck(c: RawConfig, issues: ConfigIssue[]): void {
 
   // --- GPU idle notices: the working day must hold the idle time (the count restarts each working day) ---
   const wh = c.alerts.workingHours;
-  const seenDay = new Map<string, number>();
-  wh.days.forEach((day, i) => {
-    if (seenDay.has(day)) add(`alerts.workingHours.days[${i}]`, `duplicates alerts.workingHours.days[${seenDay.get(day)}] (${day})`);
-    else seenDay.set(day, i);
-  });
-  const minutes = (hhmm: string) => Number(hhmm.slice(0, 2)) * 60 + Number(hhmm.slice(3));
-  const dayMinutes = minutes(wh.end) - minutes(wh.start);
-  if (dayMinutes <= 0)
-    add("alerts.workingHours.end", `${wh.end} is not after alerts.workingHours.start ${wh.start}; working hours cannot span midnight`);
-  else if (c.alerts.gpuIdleHours * 60 > dayMinutes)
+  const dayMinutes = checkWeekWindow("alerts.workingHours", wh, add);
+  if (c.workspace.rollout.window) checkWeekWindow("workspace.rollout.window", c.workspace.rollout.window, add);
+  if (dayMinutes > 0 && c.alerts.gpuIdleHours * 60 > dayMinutes)
     add("alerts.gpuIdleHours", `${c.alerts.gpuIdleHours} h does not fit in a working day of ${dayMinutes / 60} h (${wh.start}-${wh.end}), so no notice could ever be sent; lower it or widen alerts.workingHours`);
 }
 
@@ -1074,6 +1093,19 @@ function routeLabelProblem(label: string, domain: string): string | undefined {
   if (label.slice(2, 4) === "--") return `route label ${label} has "--" in its 3rd and 4th characters, which DNS reserves for internationalized names (xn--); choose another`;
   if (label.length + 1 + domain.length > 253) return `route ${label}.${domain} is longer than 253 characters, the most a DNS name may have; use a shorter label or domain`;
   return undefined;
+}
+
+/** Problems of a weekly window (days listed twice, an end not after the start); returns its minutes per day. */
+function checkWeekWindow(path: string, w: { days: readonly string[]; start: string; end: string }, add: (path: string, message: string) => void): number {
+  const seenDay = new Map<string, number>();
+  w.days.forEach((day, i) => {
+    if (seenDay.has(day)) add(`${path}.days[${i}]`, `duplicates ${path}.days[${seenDay.get(day)}] (${day})`);
+    else seenDay.set(day, i);
+  });
+  const minutes = (hhmm: string) => Number(hhmm.slice(0, 2)) * 60 + Number(hhmm.slice(3));
+  const span = minutes(w.end) - minutes(w.start);
+  if (span <= 0) add(`${path}.end`, `${w.end} is not after ${path}.start ${w.start}; the window cannot span midnight (split it into two days)`);
+  return span;
 }
 
 /** Apply per-user defaults and derive slot, ports, resolved GPUs. */
@@ -1099,6 +1131,7 @@ function resolveUser(u: RawConfig["users"][number], c: RawConfig): UserConfig {
     sshPort: SSH_PORT_BASE + slot,
     desktopPort: DESKTOP_PORT_BASE + slot,
     ...(u.telegramChatId !== undefined ? { telegramChatId: u.telegramChatId } : {}),
+    rolloutNow: u.rolloutNow,
   };
 }
 

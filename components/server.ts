@@ -21,7 +21,7 @@ import { buildRoutes, Route } from "./routes";
 import { SharedServices } from "./services";
 import { StorageArray } from "./storage";
 import { UserAccounts } from "./users";
-import { Workspace, WorkspaceImage } from "./workspace";
+import { Workspace, WorkspaceImage, workspaceImageTag } from "./workspace";
 
 export interface TrainServerArgs {
   config: ServerConfig;
@@ -85,6 +85,8 @@ export class TrainServer extends pulumi.ComponentResource {
           config,
           user: u,
           image: this.image.imageName,
+          imageTag: workspaceImageTag(this.image.contentHash),
+          host: this.host,
           network: this.services.network.name,
           routes: this.routes.filter((r) => r.audience.kind === "user" && r.audience.user === u.name),
           tunnelSources: this.services.tunnelSources,

@@ -11,6 +11,8 @@ import * as pulumi from "@pulumi/pulumi";
 import * as random from "@pulumi/random";
 import * as path from "path";
 import type { ServerConfig, UserConfig } from "./config";
+import { WEEKDAYS } from "./config";
+import { Host, HostScript, sha256 } from "./host";
 import { SHARED_GID, SHARED_GROUP } from "./baseline";
 import { labelList, traefikLabels } from "./render/services";
 import { containerLifecycle } from "./services";
@@ -77,7 +79,12 @@ export class WorkspaceImage extends pulumi.ComponentResource {
 export interface WorkspaceArgs {
   config: ServerConfig;
   user: UserConfig;
+  /** The image resource's name (orders the container after the build)... */
   image: pulumi.Input<string>;
+  /** ...and its tag, known when the program runs (workspaceImageTag): part of the spec the rollout guard compares. */
+  imageTag: string;
+  /** The server, for the rollout guard step. */
+  host: Host;
   network: pulumi.Input<string>;
   /** This user's routes (code, jupyter) from the route table. */
   routes: Route[];
@@ -125,9 +132,45 @@ export function memorySettings(user: UserConfig): { memory: number; memoryReserv
   };
 }
 
+/** The label a workspace carries with the hash of the spec it was created from (the rollout guard compares it). */
+export const WORKSPACE_SPEC_LABEL = "train-server.spec";
+
+/**
+ * The hash of everything a workspace container is created from that the program knows when it runs: the image tag,
+ * every plain container argument, the user's routes and the admin sources of their labels. A change of any of them
+ * replaces the container (the Docker provider replaces a container on nearly every argument), so the rollout guard
+ * runs exactly then. Not in it: the services network's name and the tunnel's source address (read from Docker;
+ * they change only when the network itself is recreated, which replaces every container anyway).
+ */
+export function workspaceSpecHash(p: { imageTag: string; container: Record<string, unknown>; routes: Route[]; adminSources: readonly string[] }): string {
+  return sha256(JSON.stringify({ image: p.imageTag, container: p.container, routes: p.routes, adminSources: p.adminSources }));
+}
+
+/** The rollout guard's inputs (host-scripts/rollout-guard.sh) for one user's workspace of this spec. */
+export function rolloutGuardEnv(config: ServerConfig, user: UserConfig, specHash: string): Record<string, string> {
+  const r = config.workspace.rollout;
+  const w = r.window;
+  return {
+    TS_USER: user.name,
+    TS_UID: String(user.uid),
+    TS_HOME: `${config.storage.mountpoint}/homes/${user.name}`,
+    TS_CONTAINER: workspaceContainer(user),
+    TS_SPEC: specHash,
+    TS_SPEC_LABEL: WORKSPACE_SPEC_LABEL,
+    TS_FORCE: user.rolloutNow ? "1" : "0",
+    TS_WINDOW: w ? `${w.days.map((d) => WEEKDAYS.indexOf(d) + 1).sort().join(",")} ${w.start}-${w.end}` : "",
+    TS_WINDOW_TEXT: w ? `workspace.rollout.window: ${w.days.join(", ")} ${w.start}-${w.end} server time` : "",
+    TS_READY_MAX_AGE_S: String(r.readyMaxAgeHours * 3600),
+    TS_BUSY_CPU_PERCENT: String(Math.round(r.busyCpuCores * 100)),
+    TS_CPU_SAMPLE_S: String(r.cpuSampleSeconds),
+  };
+}
+
 /** One user's workspace container and its password. */
 export class Workspace extends pulumi.ComponentResource {
   readonly container: docker.Container;
+  /** The step that keeps a busy workspace from being replaced (runs first whenever the spec changes). */
+  readonly guard: HostScript;
   /** Password of the desktop, code-server and Jupyter (a secret). */
   readonly password: pulumi.Output<string>;
 
@@ -137,38 +180,49 @@ export class Workspace extends pulumi.ComponentResource {
     const password = new random.RandomPassword(`${name}-password`, { length: 24, special: false }, { parent: this });
     this.password = pulumi.secret(password.result);
     const lan = config.host.lanAddress;
+    // every plain argument of the container (what the rollout guard's spec hash covers)
+    const spec = {
+      name: workspaceContainer(user),
+      hostname: `${user.name}-workspace`,
+      restart: "unless-stopped",
+      // Docker-in-Docker needs a privileged container: sudo in a workspace is root on the host (trusted team)
+      privileged: WORKSPACE_PRIVILEGED,
+      envs: Object.entries(workspaceEnv({ user: user.name, uid: user.uid, sharedGroup: SHARED_GROUP, sharedGid: SHARED_GID })).map(([k, v]) => `${k}=${v}`),
+      // SSH on 2222+slot; the desktop (X2Go, which runs over SSH) on 4000+slot; both on the LAN address only
+      ports: [
+        { internal: WORKSPACE_PORTS.ssh, external: user.sshPort, ip: lan },
+        { internal: WORKSPACE_PORTS.ssh, external: user.desktopPort, ip: lan },
+      ],
+      ...(user.cpuset !== undefined ? { cpuSet: user.cpuset } : {}),
+      ...(user.cpus !== undefined ? { cpus: String(user.cpus) } : {}),
+      ...memorySettings(user),
+      deviceRequests: gpuRequests(user),
+      mounts: workspaceMounts(config, user),
+      // health: the image's HEALTHCHECK (every supervisord program RUNNING); `up` waits for it and fails with
+      // the reason when the workspace never becomes healthy. Stops (replace, image roll, destroy) give its
+      // processes the image's stop timeout between SIGTERM and SIGKILL, never the provider's default 0 s.
+      ...containerLifecycle(WORKSPACE_STOP_TIMEOUT_S, true, WORKSPACE_WAIT_TIMEOUT_S),
+    };
+    const specHash = workspaceSpecHash({ imageTag: args.imageTag, container: spec, routes: args.routes, adminSources: config.host.adminSources });
+    // runs before any replacement of this container: a busy workspace refuses it (README: "Rollouts never kill a job")
+    this.guard = new HostScript(
+      `${name}-guard`,
+      { host: args.host, script: "rollout-guard", env: rolloutGuardEnv(config, user, specHash), after: args.after ?? [] },
+      { parent: this },
+    );
     this.container = new docker.Container(
       `${name}-container`,
       {
-        name: workspaceContainer(user),
+        ...spec,
         image: args.image,
-        hostname: `${user.name}-workspace`,
-        restart: "unless-stopped",
-        // Docker-in-Docker needs a privileged container: sudo in a workspace is root on the host (trusted team)
-        privileged: WORKSPACE_PRIVILEGED,
-        envs: Object.entries(workspaceEnv({ user: user.name, uid: user.uid, sharedGroup: SHARED_GROUP, sharedGid: SHARED_GID })).map(([k, v]) => `${k}=${v}`),
         // the password reaches the container as a root-only file at create, never as an environment variable
         uploads: [{ file: WORKSPACE_PASSWORD_FILE, content: this.password, permissions: "0400" }],
-        // SSH on 2222+slot; the desktop (X2Go, which runs over SSH) on 4000+slot; both on the LAN address only
-        ports: [
-          { internal: WORKSPACE_PORTS.ssh, external: user.sshPort, ip: lan },
-          { internal: WORKSPACE_PORTS.ssh, external: user.desktopPort, ip: lan },
-        ],
         networksAdvanced: [{ name: args.network, aliases: [workspaceContainer(user)] }],
         labels: pulumi
           .output(args.tunnelSources)
-          .apply((ts) => labelList(traefikLabels(args.routes, { adminSources: config.host.adminSources, tunnelSources: ts }))),
-        ...(user.cpuset !== undefined ? { cpuSet: user.cpuset } : {}),
-        ...(user.cpus !== undefined ? { cpus: String(user.cpus) } : {}),
-        ...memorySettings(user),
-        deviceRequests: gpuRequests(user),
-        mounts: workspaceMounts(config, user),
-        // health: the image's HEALTHCHECK (every supervisord program RUNNING); `up` waits for it and fails with
-        // the reason when the workspace never becomes healthy. Stops (replace, image roll, destroy) give its
-        // processes the image's stop timeout between SIGTERM and SIGKILL, never the provider's default 0 s.
-        ...containerLifecycle(WORKSPACE_STOP_TIMEOUT_S, true, WORKSPACE_WAIT_TIMEOUT_S),
+          .apply((ts) => labelList({ ...traefikLabels(args.routes, { adminSources: config.host.adminSources, tunnelSources: ts }), [WORKSPACE_SPEC_LABEL]: specHash })),
       },
-      { parent: this, provider: args.provider, deleteBeforeReplace: true, dependsOn: args.after ?? [] },
+      { parent: this, provider: args.provider, deleteBeforeReplace: true, dependsOn: [...(args.after ?? []), this.guard.apply] },
     );
     this.registerOutputs({ container: this.container.name, password: this.password });
   }

@@ -112,7 +112,9 @@ describe("RIG REPLAY: the rig stack's remote commands against a booted systemd c
       expect({ name: r.name, status: r.status }).toEqual({ name: r.name, status: 0 });
       if (r.name.endsWith("-apply")) {
         firstRun.set(r.name.replace(/-apply$/, ""), r.ms);
-        expect({ name: r.name, changes: Number(r.results.changes) > 0 }).toEqual({ name: r.name, changes: true });
+        // a rollout guard only looks (no workspace yet: it lets the first create go); every other step builds something
+        if (r.name.endsWith("-guard-apply")) expect({ name: r.name, changes: r.results.changes, decision: r.results["rollout.decision"] }).toEqual({ name: r.name, changes: "0", decision: "go" });
+        else expect({ name: r.name, changes: Number(r.results.changes) > 0 }).toEqual({ name: r.name, changes: true });
       }
     }
     uuid = runs.find((r) => r.name === "server-storage-apply")!.results.uuid;
@@ -205,7 +207,7 @@ describe("RIG REPLAY: the rig stack's remote commands against a booted systemd c
     expect(forced).toEqual(applies.map((c) => ({ name: c.name, status: 0, changes: "0", stderr: "" })));
   });
 
-  test("a user added and removed: only the users and ops steps run, no unit restarts, no mount moves; the new user logs in; removal archives", async () => {
+  test("a user added and removed: only the users and ops steps (and the user's own guard) run, no unit restarts, no mount moves; the new user logs in; removal archives", async () => {
     // what another user's work depends on: every unit's invocation, every mount (its id changes on a remount)
     const invocations = () => sudo("systemctl list-units --all --plain --no-legend --type=service,mount,socket,timer | awk '{print $1}' | sort | xargs systemctl show -p Id -p InvocationID -p NRestarts --");
     const mounts = () => sudo("awk '{print $1, $5, $9}' /proc/self/mountinfo | sort");
@@ -220,7 +222,8 @@ describe("RIG REPLAY: the rig stack's remote commands against a booted systemd c
     withFrank.host.ramGb = raw.host.ramGb + 1;
     const planFrank = await planOf(withFrank, secrets);
     const added = phase("add a user (up)", () => replayer.up(planFrank));
-    expect(names(added).sort()).toEqual(["server-ops-apply", "server-users-apply"]);
+    // the users and ops steps, and frank's own rollout guard (its apply and the registration of its teardown)
+    expect(names(added).sort()).toEqual(["server-ops-apply", "server-users-apply", "server-ws-frank-guard-apply", "server-ws-frank-guard-teardown"]);
     for (const r of added) expect({ name: r.name, status: r.status }).toEqual({ name: r.name, status: 0 });
     const changedLines = (a: string, b: string) => b.split("\n").filter((l) => !a.split("\n").includes(l)).length;
     blast.add = { steps: names(added), unitsRestarted: changedLines(before.units, invocations()), mountsMoved: changedLines(before.mounts, mounts()) };
@@ -232,7 +235,7 @@ describe("RIG REPLAY: the rig stack's remote commands against a booted systemd c
 
     const planWithout = await planOf(raw, secrets);
     const removed = phase("remove the user (up)", () => replayer.up(planWithout));
-    expect(names(removed).sort()).toEqual(["server-ops-apply", "server-users-apply"]);
+    expect(names(removed).sort()).toEqual(["server-ops-apply", "server-users-apply", "server-ws-frank-guard-teardown"]);
     blast.remove = { steps: names(removed), unitsRestarted: changedLines(before.units, invocations()), mountsMoved: changedLines(before.mounts, mounts()) };
     const archive = removed.find((r) => r.name === "server-users-apply")!.results["archive.frank"];
     expect(archive).toMatch(new RegExp(`^${MP}/snapshots/archive/frank-\\d{8}T\\d{6}Z$`));
@@ -269,8 +272,11 @@ describe("RIG REPLAY: the rig stack's remote commands against a booted systemd c
 
   test("destroy: teardowns in reverse order leave the rig bare", () => {
     const runs = phase("destroy", () => replayer.destroy(plan));
-    // the reverse of up's storage → ops → users → baseline → services' data dirs
-    expect(names(runs)).toEqual(["server-services-data-dirs-teardown", "server-baseline-teardown", "server-users-teardown", "server-ops-teardown", "server-storage-teardown"]);
+    // the reverse of up's storage → ops → users → baseline / the users' rollout guards → services' data dirs
+    expect(names(runs)).toEqual([
+      "server-services-data-dirs-teardown", "server-ws-bob-guard-teardown", "server-ws-alice-guard-teardown",
+      "server-baseline-teardown", "server-users-teardown", "server-ops-teardown", "server-storage-teardown",
+    ]);
     for (const r of runs) expect({ name: r.name, status: r.status }).toEqual({ name: r.name, status: 0 });
     expect(rig.ssh(`mountpoint -q ${MP}`).status).not.toBe(0);
     for (const d of rig.devices) expect(rig.ssh(`sudo -n blkid -p ${d}`).status).toBe(2);

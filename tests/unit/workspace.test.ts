@@ -157,6 +157,71 @@ describe("shared services of the prod stack", () => {
   });
 });
 
+describe("the rollout guard (issue 15: rollouts never kill a job)", () => {
+  const COMMAND = "command:remote:Command";
+  const guardOf = (res: Registered[], user: string) => {
+    const g = res.find((r) => r.type === COMMAND && r.name.endsWith(`-ws-${user}-guard-apply`));
+    if (!g) throw new Error(`no guard for ${user}`);
+    return g;
+  };
+  const envOf = (g: Registered) => Object.fromEntries([...String(g.inputs.stdin).matchAll(/^(TS_[A-Z_]+)='([^']*)'$/gm)].map((m) => [m[1], m[2]]));
+  const edit = async (f: (raw: any) => void) => {
+    const raw = clone(stackRaw("prod"));
+    f(raw);
+    return (await runProgram(raw)).resources;
+  };
+  let res: Registered[];
+  beforeAll(async () => {
+    res = (await runProgram(stackRaw("prod"))).resources;
+  });
+
+  test("every workspace waits for its own guard, which checks the spec the container is labelled with", () => {
+    for (const w of workspaces(res)) {
+      const user = String(w.inputs.name).replace("workspace-", "");
+      const g = guardOf(res, user);
+      expect(w.dependencies).toContain(g.urn);
+      const env = envOf(g);
+      expect(env.TS_SPEC).toMatch(/^[0-9a-f]{64}$/);
+      expect(labels(w)["train-server.spec"]).toBe(env.TS_SPEC);
+      expect(env).toMatchObject({ TS_USER: user, TS_CONTAINER: w.inputs.name, TS_HOME: `/mnt/storage/homes/${user}`, TS_FORCE: "0", TS_WINDOW: "", TS_BUSY_CPU_PERCENT: "50", TS_CPU_SAMPLE_S: "5", TS_READY_MAX_AGE_S: "86400" });
+    }
+    expect(new Set(workspaces(res).map((w) => labels(w)["train-server.spec"])).size).toBe(5);
+  });
+
+  test("its refusal reaches the up's output: the step carries no secret, so its output is not withheld", () => {
+    const g = guardOf(res, "alice");
+    expect(g.inputs.logging).toBe("stdoutAndStderr");
+    expect(g.secretInputs).not.toContain("stdin");
+  });
+
+  test("a change that replaces alice's workspace changes her spec (the guard runs first), nobody else's", async () => {
+    const after = await edit((raw) => (raw.users.find((u: any) => u.name === "alice").memoryLimitGb = 90));
+    expect(envOf(guardOf(after, "alice")).TS_SPEC).not.toBe(envOf(guardOf(res, "alice")).TS_SPEC);
+    expect(labels(byName(after, "workspace-alice"))["train-server.spec"]).toBe(envOf(guardOf(after, "alice")).TS_SPEC);
+    for (const u of ["bob", "charlie", "dave", "eve"]) expect(guardOf(after, u).inputs).toEqual(guardOf(res, u).inputs);
+  });
+
+  test("a change that does not touch the container (her SSH keys, quota) changes neither the guard nor the container", async () => {
+    const after = await edit((raw) => {
+      const a = raw.users.find((u: any) => u.name === "alice");
+      a.quotaGb = 1200;
+      a.sshKeys = [FRANK_KEY];
+    });
+    expect(guardOf(after, "alice").inputs).toEqual(guardOf(res, "alice").inputs);
+    expect(byName(after, "workspace-alice").inputs).toEqual(byName(res, "workspace-alice").inputs);
+  });
+
+  test("rolloutNow and the maintenance window reach only the guard, never the container", async () => {
+    const after = await edit((raw) => {
+      raw.users.find((u: any) => u.name === "alice").rolloutNow = true;
+      raw.workspace = { rollout: { window: { days: ["sunday", "saturday"] } } };
+    });
+    expect(envOf(guardOf(after, "alice"))).toMatchObject({ TS_FORCE: "1", TS_WINDOW: "6,7 02:00-06:00", TS_WINDOW_TEXT: "workspace.rollout.window: sunday, saturday 02:00-06:00 server time" });
+    expect(envOf(guardOf(after, "bob")).TS_FORCE).toBe("0");
+    for (const w of workspaces(res)) expect(byName(after, w.inputs.name).inputs).toEqual(w.inputs);
+  });
+});
+
 describe("adding and removing users", () => {
   test("frank joining changes no input of any existing user's container", async () => {
     const before = (await runProgram(stackRaw("prod"))).resources;
