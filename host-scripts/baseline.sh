@@ -10,7 +10,8 @@
 #   TS_GPU_COUNT        > 0: install the NVIDIA container toolkit (NVIDIA's apt repository)
 #   TS_SHARED_GROUP     group owning the shared caches (default mlusers), TS_SHARED_GID its gid (default 2000)
 #   TS_FILES_DIR        files rendered by components/render/baseline.ts: sshd.conf fail2ban-jail.conf daemon.json
-#                       docker-service.conf ufw-rules ufw-docker-user.rules trainws.slice [nvidia-container-toolkit.list]
+#                       docker-service.conf ufw-rules ufw-docker-user.rules trainws.slice
+#                       [GPU hosts: nvidia-container-toolkit.list nvidia-dev-char.rules ts-nvidia-dev-char.service]
 #   (the LAN CIDR and the users' ports reach the host only through the rendered ufw files)
 #   TS_ALLOW_WIPE=1     lets `destroy` remove the files this script installed (test rigs)
 #
@@ -21,6 +22,9 @@
 # trainws.slice (every workspace's cgroupParent) carries MemoryLow = the users' pool: a changed value is applied to
 # the running slice with `systemctl set-property --runtime` (nothing restarts). Guarantees need cgroup v2 with
 # memory_recursiveprot (systemd >= 248 mounts it so); apply remounts /sys/fs/cgroup with it when missing.
+# GPU hosts: /dev/char links of the NVIDIA device nodes (nvidia-ctk), made before anything here runs a
+# daemon-reload, again by a udev rule whenever the driver binds and by ts-nvidia-dev-char.service at boot: with them
+# a daemon-reload keeps the workspaces' GPUs (NVIDIA/nvidia-container-toolkit#48).
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "${BASH_SOURCE[0]%/*}/lib.sh"
 
@@ -44,6 +48,8 @@ SLICE_UNIT=/etc/systemd/system/$SLICE
 CGROUP=/sys/fs/cgroup
 NV_LIST=/etc/apt/sources.list.d/nvidia-container-toolkit.list
 NV_KEYRING=/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg
+NV_RULE=/etc/udev/rules.d/71-nvidia-dev-char.rules
+NV_UNIT=/etc/systemd/system/ts-nvidia-dev-char.service
 BEGIN_MARK='# BEGIN train-server DOCKER-USER'
 END_MARK='# END train-server DOCKER-USER'
 
@@ -76,7 +82,11 @@ preflight() {
   for f in sshd.conf fail2ban-jail.conf daemon.json docker-service.conf ufw-rules ufw-docker-user.rules $SLICE; do
     [[ -f $F/$f ]] || die "rendered file $F/$f is missing (components/render/baseline.ts renders it)"
   done
-  if ((GPU > 0)); then [[ -f $F/nvidia-container-toolkit.list ]] || die "rendered file $F/nvidia-container-toolkit.list is missing"; fi
+  if ((GPU > 0)); then
+    for f in nvidia-container-toolkit.list nvidia-dev-char.rules ts-nvidia-dev-char.service; do
+      [[ -f $F/$f ]] || die "rendered file $F/$f is missing"
+    done
+  fi
   grep -qx "Port $TS_SSH_PORT" "$F/sshd.conf" || die "sshd.conf does not set Port $TS_SSH_PORT (TS_SSH_PORT): stale render"
   grep -q "port $TS_SSH_PORT proto tcp\$" "$F/ufw-rules" \
     || refuse "ufw-rules does not allow the SSH port $TS_SSH_PORT; enabling the firewall would lock everyone out — fix the render"
@@ -212,6 +222,19 @@ docker_baseline() {
   fi
 }
 
+nvidia_dev_char() {
+  ((GPU > 0)) || return 0
+  local before after
+  # the links first: the daemon-reloads below must not be the one that strips a running workspace's GPUs
+  before=$(find /dev/char -maxdepth 1 -type l 2>/dev/null | sort)
+  nvidia-ctk system create-dev-char-symlinks --create-all >&2 || die "nvidia-ctk could not create the /dev/char links of the NVIDIA devices (is the driver loaded? nvidia-smi)"
+  after=$(find /dev/char -maxdepth 1 -type l 2>/dev/null | sort)
+  if [[ $before != "$after" ]]; then changed "created the /dev/char links of the NVIDIA device nodes"; fi
+  if install_tracked "$F/nvidia-dev-char.rules" "$NV_RULE" 644; then udevadm control --reload; fi
+  if install_tracked "$F/ts-nvidia-dev-char.service" "$NV_UNIT" 644; then systemctl daemon-reload; fi
+  if ! systemctl is-enabled -q ts-nvidia-dev-char.service; then systemctl enable ts-nvidia-dev-char.service; changed "enabled ts-nvidia-dev-char.service"; fi
+}
+
 workspace_slice() {
   local low
   low=$(slice_low "$F/$SLICE")
@@ -299,7 +322,9 @@ caches() {
 
 check() {
   local pair src dest
-  for pair in sshd.conf:$SSHD_DROPIN fail2ban-jail.conf:$F2B_JAIL daemon.json:$DAEMON_JSON docker-service.conf:$DOCKER_DROPIN $SLICE:$SLICE_UNIT; do
+  local pairs=("sshd.conf:$SSHD_DROPIN" "fail2ban-jail.conf:$F2B_JAIL" "daemon.json:$DAEMON_JSON" "docker-service.conf:$DOCKER_DROPIN" "$SLICE:$SLICE_UNIT")
+  if ((GPU > 0)); then pairs+=("nvidia-dev-char.rules:$NV_RULE" "ts-nvidia-dev-char.service:$NV_UNIT"); fi
+  for pair in "${pairs[@]}"; do
     src=$F/${pair%%:*} dest=${pair#*:}
     if cmp -s "$src" "$dest"; then result "drift.${pair%%:*}" no; else result "drift.${pair%%:*}" yes; fi
   done
@@ -312,7 +337,8 @@ check() {
 destroy() {
   [[ ${TS_ALLOW_WIPE:-0} == 1 ]] || refuse "the baseline keeps the host reachable and safe; it is only removed on a test-rig stack (rig: true)"
   local f
-  for f in "$SSHD_DROPIN" "$F2B_JAIL" "$DOCKER_DROPIN" "$DAEMON_JSON" "$SLICE_UNIT" "/run/systemd/system.control/$SLICE.d/50-MemoryLow.conf"; do
+  if [[ -f $NV_UNIT ]]; then systemctl disable ts-nvidia-dev-char.service; fi
+  for f in "$SSHD_DROPIN" "$F2B_JAIL" "$DOCKER_DROPIN" "$DAEMON_JSON" "$SLICE_UNIT" "/run/systemd/system.control/$SLICE.d/50-MemoryLow.conf" "$NV_RULE" "$NV_UNIT"; do
     if [[ -f $f ]]; then rm -f "$f"; changed "removed $f"; fi
   done
   if [[ -n $(current_block) ]]; then sed -i "\\|^$BEGIN_MARK\$|,\\|^$END_MARK\$|d" "$UFW_AFTER"; changed "removed the DOCKER-USER block"; fi
@@ -328,6 +354,7 @@ case $ACTION in
     packages
     sshd_baseline
     fail2ban_baseline
+    nvidia_dev_char
     caches
     workspace_slice
     docker_baseline

@@ -209,6 +209,41 @@ export function renderNvidiaAptSource(): string {
   );
 }
 
+/** Where the NVIDIA container toolkit's CLI lives (Debian/Ubuntu package nvidia-container-toolkit). */
+export const NVIDIA_CTK = "/usr/bin/nvidia-ctk";
+const DEV_CHAR_LINKS = `${NVIDIA_CTK} system create-dev-char-symlinks --create-all`;
+
+/**
+ * /etc/udev/rules.d/71-nvidia-dev-char.rules: the /dev/char/<major>:<minor> links of the NVIDIA device nodes,
+ * made whenever the driver binds (boot, driver update). runc's systemd cgroup driver describes a container's
+ * allowed devices to systemd by those paths; without them a `systemctl daemon-reload` (any package install does
+ * one) rewrites the container's device rules without the GPUs: "Failed to initialize NVML: Unknown Error"
+ * (NVIDIA/nvidia-container-toolkit#48, NVIDIA's recommended workaround).
+ */
+export function renderNvidiaDevCharRule(): string {
+  return [`# ${HEADER}`, `ACTION=="add", DEVPATH=="/bus/pci/drivers/nvidia", RUN+="${DEV_CHAR_LINKS}"`, ""].join("\n");
+}
+
+/** /etc/systemd/system/ts-nvidia-dev-char.service: the same links at every boot, before Docker starts the workspaces. */
+export function renderNvidiaDevCharUnit(): string {
+  return [
+    `# ${HEADER}`,
+    "[Unit]",
+    "Description=train-server: /dev/char links of the NVIDIA device nodes (GPUs survive systemctl daemon-reload)",
+    "After=systemd-modules-load.service systemd-udevd.service",
+    "Before=docker.service",
+    "",
+    "[Service]",
+    "Type=oneshot",
+    "RemainAfterExit=yes",
+    `ExecStart=${DEV_CHAR_LINKS}`,
+    "",
+    "[Install]",
+    "WantedBy=multi-user.target",
+    "",
+  ].join("\n");
+}
+
 /** Every baseline file, keyed by its name in $TS_FILES_DIR (the names baseline.sh reads). */
 export function renderBaselineFiles(p: BaselineParams): Record<string, string> {
   validateBaselineParams(p);
@@ -221,6 +256,10 @@ export function renderBaselineFiles(p: BaselineParams): Record<string, string> {
     "ufw-docker-user.rules": renderUfwDockerUserRules(p),
     [WORKSPACE_SLICE]: renderWorkspaceSlice({ ramGb: p.ramGb, reservedRamGb: p.reservedRamGb }),
   };
-  if (p.gpuCount > 0) files["nvidia-container-toolkit.list"] = renderNvidiaAptSource();
+  if (p.gpuCount > 0) {
+    files["nvidia-container-toolkit.list"] = renderNvidiaAptSource();
+    files["nvidia-dev-char.rules"] = renderNvidiaDevCharRule();
+    files["ts-nvidia-dev-char.service"] = renderNvidiaDevCharUnit();
+  }
   return files;
 }

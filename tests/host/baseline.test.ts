@@ -75,6 +75,24 @@ describe("rendered baseline files pass their real validators", () => {
     expect(bash(`fail2ban-client -c ${conf} -t`).status).not.toBe(0);
   });
 
+  test("systemd-analyze verify accepts the workspace slice and the NVIDIA /dev/char unit (and rejects a missing binary)", () => {
+    // a scratch root with systemd's own units (the dependencies of a unit with default dependencies) and a stub of
+    // the toolkit's CLI: the real one is on GPU hosts only
+    const root = path.join(scratch.dir, "sysroot");
+    fs.mkdirSync(path.join(root, "usr/lib/systemd"), { recursive: true });
+    fs.cpSync("/usr/lib/systemd/system", path.join(root, "usr/lib/systemd/system"), { recursive: true, verbatimSymlinks: true });
+    fs.mkdirSync(path.join(root, "etc/systemd/system"), { recursive: true });
+    fs.mkdirSync(path.join(root, "usr/bin"), { recursive: true });
+    const gpu = renderBaselineFiles({ ...params, gpuCount: 1 });
+    for (const unit of ["trainws.slice", "ts-nvidia-dev-char.service"]) fs.writeFileSync(path.join(root, "etc/systemd/system", unit), gpu[unit]);
+    const verify = () => bash(`systemd-analyze verify --root=${root} /etc/systemd/system/trainws.slice /etc/systemd/system/ts-nvidia-dev-char.service`);
+    const missing = verify();
+    expect(missing.status).not.toBe(0);
+    expect(missing.stderr).toMatch(/ts-nvidia-dev-char\.service: Command \/usr\/bin\/nvidia-ctk is not executable/);
+    fs.writeFileSync(path.join(root, "usr/bin/nvidia-ctk"), "#!/bin/sh\n", { mode: 0o755 });
+    expect(verify()).toMatchObject({ status: 0, stderr: "" });
+  });
+
   test("iptables-restore accepts the DOCKER-USER block (in a scratch network namespace)", () => {
     const file = path.join(scratch.dir, "docker-user.rules");
     fs.writeFileSync(file, files["ufw-docker-user.rules"]);

@@ -113,6 +113,11 @@ describe("renderBaselineFiles", () => {
       ["daemon.json", "docker-service.conf", "fail2ban-jail.conf", "sshd.conf", "trainws.slice", "ufw-docker-user.rules", "ufw-rules"],
     );
     const gpu = renderBaselineFiles({ ...params, gpuCount: 1 });
+    expect(Object.keys(gpu).filter((k) => !(k in renderBaselineFiles(params))).sort()).toEqual(["nvidia-container-toolkit.list", "nvidia-dev-char.rules", "ts-nvidia-dev-char.service"]);
+    // NVIDIA's workaround for GPUs lost on daemon-reload: /dev/char links whenever the driver binds, and at boot before Docker
+    expect(gpu["nvidia-dev-char.rules"]).toMatch(/^ACTION=="add", DEVPATH=="\/bus\/pci\/drivers\/nvidia", RUN\+="\/usr\/bin\/nvidia-ctk system create-dev-char-symlinks --create-all"$/m);
+    expect(gpu["ts-nvidia-dev-char.service"]).toMatch(/^ExecStart=\/usr\/bin\/nvidia-ctk system create-dev-char-symlinks --create-all$/m);
+    expect(gpu["ts-nvidia-dev-char.service"]).toMatch(/^Before=docker\.service$/m);
     expect(gpu["nvidia-container-toolkit.list"]).toContain(
       "deb [signed-by=/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg] https://nvidia.github.io/libnvidia-container/stable/deb/$(ARCH) /",
     );
