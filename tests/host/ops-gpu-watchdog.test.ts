@@ -16,7 +16,7 @@ import { gpuWatchdogRules } from "../../components/render/alerts";
 import { loadOpsScripts, renderOperations, renderOpsEnv } from "../../components/render/ops";
 import { BOOKWORM_MINBASE, ensureDebootstrapRootfs, PrivateDockerd } from "../helpers/docker";
 import { runScript, Scratch } from "../helpers/host";
-import { exampleGpuOpsParams } from "../helpers/ops";
+import { exampleGpuOpsParams, writeFiles } from "../helpers/ops";
 
 jest.setTimeout(300_000);
 
@@ -86,9 +86,16 @@ done
 });
 afterAll(() => scratch.cleanup());
 
-test("the rendered job: a minutely timer, the workspaces with their GPU counts in ops.env", () => {
-  const files = renderOperations(params, loadOpsScripts());
-  expect(files["/etc/systemd/system/ts-gpu-watchdog.timer"].content).toMatch(/^OnCalendar=minutely$/m);
+test("the rendered job: its units pass systemd-analyze verify, every minute, the workspaces with their GPU counts in ops.env", () => {
+  const base = path.join(scratch.dir, "units-root");
+  const files = renderOperations({ ...params, scriptDir: path.join(base, "lib"), unitDir: path.join(base, "units"), configDir: path.join(base, "etc") }, loadOpsScripts());
+  writeFiles("/", Object.fromEntries(Object.entries(files).filter(([p]) => p.startsWith(base))));
+  const units = ["ts-gpu-watchdog.service", "ts-gpu-watchdog.timer"].map((u) => path.join(base, "units", u));
+  const r = spawnSync("systemd-analyze", ["verify", ...units], { encoding: "utf8" });
+  expect(r.stdout + r.stderr).toBe("");
+  expect(r.status).toBe(0);
+  const cal = /^OnCalendar=(.*)$/m.exec(files[units[1]].content)![1];
+  expect(/Normalized form: (.*)/.exec(spawnSync("systemd-analyze", ["calendar", cal], { encoding: "utf8" }).stdout)![1].trim()).toBe("*-*-* *:*:00");
   expect(env.TS_GPU_WORKSPACES).toBe("alice:workspace-alice:1 bob:workspace-bob:4 carol:workspace-carol:2 dave:workspace-dave:1 erin:workspace-erin:2");
 });
 
