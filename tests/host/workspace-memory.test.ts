@@ -70,7 +70,7 @@ describe("workspace memory guarantee under pressure (cgroup v2, qemu VM)", () =>
     const rows = ["guarded", "control", "nested-guarded", "nested-unguarded"].map(
       (p) =>
         `${p.padEnd(17)} slice=${r[`${p}.slice`]} low=${mib(`${p}.slice_low`)} recursiveprot=${r[`${p}.recursiveprot`]} | ` +
-        `A low=${mib(`${p}.a_low`)} max=${mib(`${p}.a_max`)} before=${mib(`${p}.a_before`)} min=${mib(`${p}.a_min`)} after=${mib(`${p}.a_after`)} ` +
+        `A low=${mib(`${p}.a_low`)} max=${mib(`${p}.a_max`)} before=${mib(`${p}.a_before`)} min=${mib(`${p}.a_min`)} (${r[`${p}.a_min`]} B) after=${mib(`${p}.a_after`)} ` +
         `anon=${mib(`${p}.a_anon`)} swap=${mib(`${p}.a_swap`)} | B current=${mib(`${p}.b_current`)} swap=${mib(`${p}.b_swap`)} ` +
         `done=${r[`${p}.b_done`]} (${r[`${p}.seconds`]} s)`,
     );
