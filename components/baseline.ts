@@ -30,6 +30,8 @@ export function baselineParams(config: ServerConfig): BaselineParams {
     adminUser: config.host.sshUser,
     dataRoot: `${config.storage.mountpoint}/docker-data`,
     mountpoint: config.storage.mountpoint,
+    ramGb: config.host.ramGb,
+    reservedRamGb: config.host.reservedRamGb,
     gpuCount: config.host.gpu.count,
   };
 }

@@ -13,6 +13,7 @@ import * as random from "@pulumi/random";
 import { SHARED_GID } from "./baseline";
 import type { Profile, ServerConfig, ServerSecrets, Weekday } from "./config";
 import { Host, HostScript, StepValue } from "./host";
+import { workspaceContainer } from "./routes";
 import { driveCacheSizeGb, HOST_ALERTMANAGER_DIR, HOST_RULES_DIR, loadOpsScripts, opsEnabledUnits, opsFilesDir, OpsParams, renderOperations } from "./render/ops";
 
 /** Containers (components/services.ts) that reload on SIGHUP when their files under these host dirs change. */
@@ -70,6 +71,16 @@ export function gpuLedgerParams(config: ServerConfig): OpsParams["gpuLedger"] {
   };
 }
 
+/** The GPU watchdog's workspaces: every user with GPUs, their container, how many GPUs ("all" = the host's). */
+export function gpuWatchdogParams(config: ServerConfig): NonNullable<OpsParams["gpuWatchdog"]> {
+  return {
+    workspaces: [...config.users]
+      .sort((x, y) => x.uid - y.uid)
+      .map((u) => ({ user: u.name, container: workspaceContainer(u), gpus: u.gpus === "all" ? config.host.gpu.count : u.gpus.length }))
+      .filter((w) => w.gpus > 0),
+  };
+}
+
 /** The Operations renderer's parameters from a config (pure; secrets and cache size passed in). */
 export function opsParams(config: ServerConfig, cacheSizeGb: number, secrets: { resticPassword: string; rcloneConfig: string; telegramBotToken: string }): OpsParams {
   const mp = config.storage.mountpoint;
@@ -116,7 +127,7 @@ export function opsParams(config: ServerConfig, cacheSizeGb: number, secrets: { 
       telegramChatId: Number(config.alerts.telegramChatId),
       telegramBotToken: secrets.telegramBotToken,
     },
-    ...(config.host.gpu.count > 0 ? { gpuLedger: gpuLedgerParams(config) } : {}),
+    ...(config.host.gpu.count > 0 ? { gpuLedger: gpuLedgerParams(config), gpuWatchdog: gpuWatchdogParams(config) } : {}),
     digest: { schedule: weeklyOnCalendar(config.alerts.digestDay, config.alerts.digestAt) },
     textfileDir: TEXTFILE_DIR,
     secrets: { resticPassword: secrets.resticPassword, rcloneConfig: secrets.rcloneConfig },
@@ -179,7 +190,9 @@ export class Operations extends pulumi.ComponentResource {
         : pulumi.output(cfgCache);
 
     const scripts = loadOpsScripts();
-    const units = opsEnabledUnits({ ...(config.dataSync?.enabled ? { dataSync: config.dataSync } : {}) });
+    // on GPU hosts the ledger's and the watchdog's timers too (the same condition as opsParams renders them)
+    const gpu = config.host.gpu.count > 0 ? { gpuLedger: gpuLedgerParams(config), gpuWatchdog: gpuWatchdogParams(config) } : {};
+    const units = opsEnabledUnits({ ...(config.dataSync?.enabled ? { dataSync: config.dataSync } : {}), ...gpu });
     const { kind, plain } = opsFileSecrecy(config, scripts, units);
     const renderWith = (sec: OpsSecrets, cacheGb: number) => renderOpsDir(config, scripts, units, sec, cacheGb);
     // what a review sees: plain files as text in `pulumi preview --diff`; the cache size (known at apply) only in

@@ -26,6 +26,7 @@ import {
   workspaceImageHash,
   workspaceMounts as imageMounts,
 } from "./render/workspace-image";
+import { WORKSPACE_SLICE } from "./render/workspace-slice";
 import type { Route } from "./routes";
 import { workspaceContainer } from "./routes";
 
@@ -196,6 +197,8 @@ export class Workspace extends pulumi.ComponentResource {
       ...(user.cpuset !== undefined ? { cpuSet: user.cpuset } : {}),
       ...(user.cpus !== undefined ? { cpus: String(user.cpus) } : {}),
       ...memorySettings(user),
+      // under the baseline's slice, whose MemoryLow makes the guarantee (memory.low) hold (render/workspace-slice.ts)
+      cgroupParent: WORKSPACE_SLICE,
       deviceRequests: gpuRequests(user),
       mounts: workspaceMounts(config, user),
       // health: the image's HEALTHCHECK (every supervisord program RUNNING); `up` waits for it and fails with

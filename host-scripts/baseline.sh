@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # baseline.sh: the host's baseline — sshd hardening, UFW, fail2ban, Docker on the array (+ NVIDIA toolkit),
-# shared cache directories. Runs after storage.sh (the array is mounted) and users.sh.
+# shared cache directories, the workspaces' slice (their memory protection). Runs after storage.sh (the array is mounted) and users.sh.
 #
 # Inputs (environment):
 #   TS_MOUNTPOINT       the mounted btrfs array
@@ -10,7 +10,8 @@
 #   TS_GPU_COUNT        > 0: install the NVIDIA container toolkit (NVIDIA's apt repository)
 #   TS_SHARED_GROUP     group owning the shared caches (default mlusers), TS_SHARED_GID its gid (default 2000)
 #   TS_FILES_DIR        files rendered by components/render/baseline.ts: sshd.conf fail2ban-jail.conf daemon.json
-#                       docker-service.conf ufw-rules ufw-docker-user.rules [nvidia-container-toolkit.list]
+#                       docker-service.conf ufw-rules ufw-docker-user.rules trainws.slice
+#                       [GPU hosts: nvidia-container-toolkit.list nvidia-dev-char.rules ts-nvidia-dev-char.service]
 #   (the LAN CIDR and the users' ports reach the host only through the rendered ufw files)
 #   TS_ALLOW_WIPE=1     lets `destroy` remove the files this script installed (test rigs)
 #
@@ -18,6 +19,12 @@
 # published by Docker, whose DNAT bypasses UFW's INPUT rules: they are filtered in DOCKER-USER by a block in
 # /etc/ufw/after.rules. Docker's data-root (from daemon.json) is a btrfs subvolume created here when missing.
 # Services are reloaded/restarted only when their files changed, after validation.
+# trainws.slice (every workspace's cgroupParent) carries MemoryLow = the users' pool: a changed value is applied to
+# the running slice with `systemctl set-property --runtime` (nothing restarts). Guarantees need cgroup v2 with
+# memory_recursiveprot (systemd >= 248 mounts it so); apply remounts /sys/fs/cgroup with it when missing.
+# GPU hosts: /dev/char links of the NVIDIA device nodes (nvidia-ctk), made before anything here runs a
+# daemon-reload, again by a udev rule whenever the driver binds and by ts-nvidia-dev-char.service at boot: with them
+# a daemon-reload keeps the workspaces' GPUs (NVIDIA/nvidia-container-toolkit#48).
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "${BASH_SOURCE[0]%/*}/lib.sh"
 
@@ -36,11 +43,29 @@ F2B_JAIL=/etc/fail2ban/jail.d/train-server.conf
 DAEMON_JSON=/etc/docker/daemon.json
 DOCKER_DROPIN=/etc/systemd/system/docker.service.d/10-train-server.conf
 UFW_AFTER=/etc/ufw/after.rules
+SLICE=trainws.slice
+SLICE_UNIT=/etc/systemd/system/$SLICE
+CGROUP=/sys/fs/cgroup
 NV_LIST=/etc/apt/sources.list.d/nvidia-container-toolkit.list
 NV_KEYRING=/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg
+NV_RULE=/etc/udev/rules.d/71-nvidia-dev-char.rules
+NV_UNIT=/etc/systemd/system/ts-nvidia-dev-char.service
 BEGIN_MARK='# BEGIN train-server DOCKER-USER'
 END_MARK='# END train-server DOCKER-USER'
 
+slice_low() { sed -n 's/^MemoryLow=//p' "$1"; }
+cgroup2() { [[ $(stat -fc %T "$CGROUP" 2>/dev/null) == cgroup2fs ]]; }
+recursiveprot() { findmnt -n -o OPTIONS "$CGROUP" | tr , '\n' | grep -qx memory_recursiveprot; }
+# the slice's MemoryLow as the kernel has it (cgroup v2) or as systemd has it (no v2 memory controller)
+live_low() {
+  if [[ -r $CGROUP/$SLICE/memory.low ]]; then
+    local v
+    v=$(cat "$CGROUP/$SLICE/memory.low")
+    if [[ $v == max ]]; then echo infinity; else echo "$v"; fi
+  else
+    systemctl show -p MemoryLow --value "$SLICE"
+  fi
+}
 installed() { [[ $(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null) == installed ]]; }
 data_root() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["data-root"])' "$F/daemon.json"; }
 # install_tracked SRC DEST MODE: install_file; returns 0 when it wrote (changed), 1 when already identical
@@ -54,10 +79,14 @@ restore() { if [[ -f $2 ]]; then cp -p "$2" "$1"; else rm -f "$1"; fi; }
 
 preflight() {
   local f
-  for f in sshd.conf fail2ban-jail.conf daemon.json docker-service.conf ufw-rules ufw-docker-user.rules; do
+  for f in sshd.conf fail2ban-jail.conf daemon.json docker-service.conf ufw-rules ufw-docker-user.rules $SLICE; do
     [[ -f $F/$f ]] || die "rendered file $F/$f is missing (components/render/baseline.ts renders it)"
   done
-  if ((GPU > 0)); then [[ -f $F/nvidia-container-toolkit.list ]] || die "rendered file $F/nvidia-container-toolkit.list is missing"; fi
+  if ((GPU > 0)); then
+    for f in nvidia-container-toolkit.list nvidia-dev-char.rules ts-nvidia-dev-char.service; do
+      [[ -f $F/$f ]] || die "rendered file $F/$f is missing"
+    done
+  fi
   grep -qx "Port $TS_SSH_PORT" "$F/sshd.conf" || die "sshd.conf does not set Port $TS_SSH_PORT (TS_SSH_PORT): stale render"
   grep -q "port $TS_SSH_PORT proto tcp\$" "$F/ufw-rules" \
     || refuse "ufw-rules does not allow the SSH port $TS_SSH_PORT; enabling the firewall would lock everyone out — fix the render"
@@ -65,7 +94,11 @@ preflight() {
   if ! mountpoint -q "$MP" || [[ $(findmnt -n -o FSTYPE --target "$MP") != btrfs ]]; then
     refuse "$MP is not a mounted btrfs array; run storage.sh first (Docker's data and the caches live there)"
   fi
-  local root keys
+  local root keys low ram
+  low=$(slice_low "$F/$SLICE")
+  [[ $low =~ ^[0-9]+$ ]] || die "$SLICE has no MemoryLow=<bytes>: stale render"
+  ram=$(($(awk '$1 == "MemTotal:" { print $2 }' /proc/meminfo) * 1024))
+  ((low <= ram)) || refuse "the workspace slice would protect $low bytes but this host has $ram bytes of RAM: host.ramGb - host.reservedRamGb is more than the host has; set host.ramGb to the host's RAM"
   root=$(data_root) || die "daemon.json has no data-root"
   [[ $root == "$MP"/* ]] || refuse "Docker's data-root $root is not on the array $MP; fix the render"
   [[ $TS_SSH_ADMIN_USER != root ]] || refuse "TS_SSH_ADMIN_USER is root, but root login is disabled; name the admin's own account"
@@ -189,6 +222,42 @@ docker_baseline() {
   fi
 }
 
+nvidia_dev_char() {
+  ((GPU > 0)) || return 0
+  local before after
+  # the links first: the daemon-reloads below must not be the one that strips a running workspace's GPUs
+  before=$(find /dev/char -maxdepth 1 -type l 2>/dev/null | sort)
+  nvidia-ctk system create-dev-char-symlinks --create-all >&2 || die "nvidia-ctk could not create the /dev/char links of the NVIDIA devices (is the driver loaded? nvidia-smi)"
+  after=$(find /dev/char -maxdepth 1 -type l 2>/dev/null | sort)
+  if [[ $before != "$after" ]]; then changed "created the /dev/char links of the NVIDIA device nodes"; fi
+  if install_tracked "$F/nvidia-dev-char.rules" "$NV_RULE" 644; then udevadm control --reload; fi
+  if install_tracked "$F/ts-nvidia-dev-char.service" "$NV_UNIT" 644; then systemctl daemon-reload; fi
+  if ! systemctl is-enabled -q ts-nvidia-dev-char.service; then systemctl enable ts-nvidia-dev-char.service; changed "enabled ts-nvidia-dev-char.service"; fi
+}
+
+workspace_slice() {
+  local low
+  low=$(slice_low "$F/$SLICE")
+  local wrote=0
+  if install_tracked "$F/$SLICE" "$SLICE_UNIT" 644; then systemctl daemon-reload; wrote=1; fi
+  if ! systemctl is-active -q "$SLICE"; then systemctl start "$SLICE"; changed "started $SLICE"; fi
+  if ((wrote)) || [[ $(live_low) != "$low" ]]; then
+    # the running slice takes the value now (the unit file keeps it for the next boot); nothing restarts, and
+    # every workspace keeps its own memory.low
+    systemctl set-property --runtime "$SLICE" MemoryLow="$low"
+    [[ $(live_low) == "$low" ]] || die "$SLICE has MemoryLow=$(live_low) after set-property, expected $low"
+    changed "$SLICE MemoryLow=$low (applied live)"
+  fi
+  if ! cgroup2; then
+    log "warning: $CGROUP is not a cgroup v2 hierarchy: memory guarantees are not enforced on this host"
+  elif ! recursiveprot; then
+    # processes in a workspace's child cgroups (its own init, nested containers) are protected only with it
+    mount -o remount,memory_recursiveprot "$CGROUP" \
+      || refuse "cannot remount $CGROUP with memory_recursiveprot (needed for the workspaces' guarantees); boot with systemd >= 248"
+    changed "remounted $CGROUP with memory_recursiveprot"
+  fi
+}
+
 # the DOCKER-USER block in after.rules, or nothing
 current_block() { sed -n "\\|^$BEGIN_MARK\$|,\\|^$END_MARK\$|p" "$UFW_AFTER"; }
 
@@ -253,10 +322,14 @@ caches() {
 
 check() {
   local pair src dest
-  for pair in sshd.conf:$SSHD_DROPIN fail2ban-jail.conf:$F2B_JAIL daemon.json:$DAEMON_JSON docker-service.conf:$DOCKER_DROPIN; do
+  local pairs=("sshd.conf:$SSHD_DROPIN" "fail2ban-jail.conf:$F2B_JAIL" "daemon.json:$DAEMON_JSON" "docker-service.conf:$DOCKER_DROPIN" "$SLICE:$SLICE_UNIT")
+  if ((GPU > 0)); then pairs+=("nvidia-dev-char.rules:$NV_RULE" "ts-nvidia-dev-char.service:$NV_UNIT"); fi
+  for pair in "${pairs[@]}"; do
     src=$F/${pair%%:*} dest=${pair#*:}
     if cmp -s "$src" "$dest"; then result "drift.${pair%%:*}" no; else result "drift.${pair%%:*}" yes; fi
   done
+  if [[ $(live_low) == "$(slice_low "$F/$SLICE")" ]]; then result drift.slice-memory-low no; else result drift.slice-memory-low yes; fi
+  if cgroup2 && ! recursiveprot; then result drift.memory-recursiveprot yes; else result drift.memory-recursiveprot no; fi
   if [[ $(current_block) == "$(cat "$F/ufw-docker-user.rules")" ]]; then result drift.ufw-docker-user.rules no; else result drift.ufw-docker-user.rules yes; fi
   if [[ $(ufw show added | sed -n 's/^ufw //p' | sort) == "$(sed '/^$/d' "$F/ufw-rules" | sort)" ]]; then result drift.ufw-rules no; else result drift.ufw-rules yes; fi
 }
@@ -264,7 +337,8 @@ check() {
 destroy() {
   [[ ${TS_ALLOW_WIPE:-0} == 1 ]] || refuse "the baseline keeps the host reachable and safe; it is only removed on a test-rig stack (rig: true)"
   local f
-  for f in "$SSHD_DROPIN" "$F2B_JAIL" "$DOCKER_DROPIN" "$DAEMON_JSON"; do
+  if [[ -f $NV_UNIT ]]; then systemctl disable ts-nvidia-dev-char.service; fi
+  for f in "$SSHD_DROPIN" "$F2B_JAIL" "$DOCKER_DROPIN" "$DAEMON_JSON" "$SLICE_UNIT" "/run/systemd/system.control/$SLICE.d/50-MemoryLow.conf" "$NV_RULE" "$NV_UNIT"; do
     if [[ -f $f ]]; then rm -f "$f"; changed "removed $f"; fi
   done
   if [[ -n $(current_block) ]]; then sed -i "\\|^$BEGIN_MARK\$|,\\|^$END_MARK\$|d" "$UFW_AFTER"; changed "removed the DOCKER-USER block"; fi
@@ -280,7 +354,9 @@ case $ACTION in
     packages
     sshd_baseline
     fail2ban_baseline
+    nvidia_dev_char
     caches
+    workspace_slice
     docker_baseline
     ufw_baseline
     ;;

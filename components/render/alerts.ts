@@ -13,7 +13,9 @@
  *   - SMART: Debian/Ubuntu prometheus-node-exporter-collectors' smartmon.sh (smartmon_device_smart_healthy{disk});
  *   - GPU: NVIDIA's dcgm-exporter (DCGM_FI_DEV_GPU_TEMP{gpu,UUID}, degrees C);
  *   - node-exporter: node_vmstat_oom_kill, node_filesystem_{avail,size}_bytes;
- *   - on GPU hosts, the GPU ledger (host-scripts/gpu-ledger.sh): its rules and idle notices are in ./gpu.ts.
+ *   - on GPU hosts, the GPU ledger (host-scripts/gpu-ledger.sh): its rules and idle notices are in ./gpu.ts;
+ *   - on GPU hosts, the GPU watchdog (host-scripts/gpu-watchdog.sh): train_server_workspace_gpu_reachable{user},
+ *     train_server_workspace_gpus_visible{user}, train_server_workspace_gpus_expected{user}.
  */
 import YAML from "yaml";
 import { GpuAlertParams, gpuNoticeRouting, gpuRules } from "./gpu";
@@ -38,6 +40,8 @@ export interface AlertParams {
   driveMountpoint: string;
   /** Whether the data sync job exists (its alert is rendered only then). Default true. */
   dataSyncEnabled?: boolean;
+  /** GPU hosts: the GPU watchdog's alerts (WorkspaceGpuUnreachable, GpuWatchdogFailing). Default false. */
+  gpuWatchdog?: boolean;
   /** GPU hosts: the ledger's rules, the idle notices and their routes (omit on a host without GPUs). */
   gpu?: GpuAlertParams;
 }
@@ -199,7 +203,40 @@ export function alertRules(p: AlertParams): AlertRule[] {
       annotations: { summary: "The daily bucket to Drive data sync failed", description: "`journalctl -u ts-data-sync`." },
     });
   }
+  if (p.gpuWatchdog) rules.push(...gpuWatchdogRules());
   return rules;
+}
+
+/**
+ * The GPU watchdog's alerts: a running workspace that cannot reach its GPUs (nvidia-smi fails inside it, or lists
+ * fewer than the config gives it) for two runs in a row; and the watchdog itself not running.
+ */
+export function gpuWatchdogRules(): AlertRule[] {
+  return [
+    {
+      alert: "WorkspaceGpuUnreachable",
+      expr: "train_server_workspace_gpu_reachable == 0",
+      for: "2m",
+      labels: { severity: "critical", family: "gpu" },
+      annotations: {
+        summary: "{{ $labels.user }}'s workspace cannot reach its GPUs",
+        description:
+          "nvidia-smi -L inside workspace-{{ $labels.user }} fails or lists fewer GPUs than the config gives it (train_server_workspace_gpus_visible vs _expected). " +
+          "After a `systemctl daemon-reload` or a toolkit update this is NVIDIA/nvidia-container-toolkit#48: `docker restart workspace-{{ $labels.user }}` " +
+          "(the user's running jobs stop: tell them first), then `journalctl -u ts-gpu-watchdog`.",
+      },
+    },
+    {
+      alert: "GpuWatchdogFailing",
+      expr: `train_server_task_success{task="gpu-watchdog"} == 0 or time() - train_server_task_last_run_timestamp_seconds{task="gpu-watchdog"} > 600`,
+      for: "10m",
+      labels: { severity: "warning", family: "gpu" },
+      annotations: {
+        summary: "The GPU watchdog is not checking the workspaces",
+        description: "Whether the workspaces still reach their GPUs is unknown: `systemctl status ts-gpu-watchdog.timer`, `journalctl -u ts-gpu-watchdog`.",
+      },
+    },
+  ];
 }
 
 /** The rule file (promtool check rules): the ops alerts, and on GPU hosts the ledger's group. */

@@ -1,11 +1,13 @@
 /**
  * Pure renderers of the host baseline files installed by host-scripts/baseline.sh:
  * the sshd drop-in, the fail2ban jail, Docker's daemon.json and its systemd drop-in, the UFW rule set,
- * the DOCKER-USER block for UFW's after.rules and NVIDIA's apt source.
+ * the DOCKER-USER block for UFW's after.rules, NVIDIA's apt source and the workspaces' slice (render/workspace-slice.ts).
  *
  * Every function takes the same validated {@link BaselineParams} and returns the file's exact content.
  * `renderBaselineFiles` returns them keyed by the name baseline.sh expects in $TS_FILES_DIR.
  */
+
+import { renderWorkspaceSlice, WORKSPACE_SLICE, workspaceSliceMemoryLow } from "./workspace-slice";
 
 /** Inputs of the host baseline. */
 export interface BaselineParams {
@@ -23,6 +25,9 @@ export interface BaselineParams {
   adminUser: string;
   /** Docker's data-root: a btrfs subvolume on the array (baseline.sh creates it), e.g. "/mnt/storage/docker-data". */
   dataRoot: string;
+  /** host.ramGb and host.reservedRamGb: the workspace slice's MemoryLow is the difference (the users' pool). */
+  ramGb: number;
+  reservedRamGb: number;
   /** Number of NVIDIA GPUs; > 0 adds the nvidia runtime to daemon.json and installs the container toolkit. */
   gpuCount: number;
   /** Mountpoint of the array; docker.service waits for it (RequiresMountsFor). Default: parent of dataRoot. */
@@ -69,6 +74,7 @@ export function validateBaselineParams(p: BaselineParams): void {
   for (const [what, dir] of [["dataRoot", p.dataRoot], ["mountpoint", p.mountpoint ?? "/x"]] as const) {
     if (!/^(\/[A-Za-z0-9._-]+)+$/.test(dir) || dir.split("/").includes("..")) throw new Error(`${what}: "${dir}" is not a plain absolute path`);
   }
+  workspaceSliceMemoryLow({ ramGb: p.ramGb, reservedRamGb: p.reservedRamGb });
   if (!Number.isInteger(p.gpuCount) || p.gpuCount < 0) throw new Error(`gpuCount: ${p.gpuCount} is not a count`);
   if (p.logMaxSize !== undefined && !SIZE.test(p.logMaxSize)) throw new Error(`logMaxSize: "${p.logMaxSize}" (want e.g. 50m)`);
   if (p.logMaxFiles !== undefined && (!Number.isInteger(p.logMaxFiles) || p.logMaxFiles < 1)) throw new Error(`logMaxFiles: ${p.logMaxFiles}`);
@@ -130,7 +136,8 @@ export function renderFail2banJail(p: BaselineParams): string {
   ].join("\n");
 }
 
-/** /etc/docker/daemon.json: data on the array with the btrfs driver, rotated logs, nvidia runtime when GPUs exist. */
+/** /etc/docker/daemon.json: data on the array with the btrfs driver, rotated logs, the systemd cgroup driver,
+ * nvidia runtime when GPUs exist. */
 export function renderDockerDaemonJson(p: BaselineParams): string {
   validateBaselineParams(p);
   const config: Record<string, unknown> = {
@@ -140,6 +147,10 @@ export function renderDockerDaemonJson(p: BaselineParams): string {
     "log-opts": { "max-size": p.logMaxSize ?? "50m", "max-file": String(p.logMaxFiles ?? 5) },
     // containers (the users' workspaces) keep running while dockerd restarts for a config change
     "live-restore": true,
+    // containers are systemd scopes: a workspace's cgroupParent is the systemd slice that carries its memory
+    // protection (cgroupfs would put it in a plain directory systemd knows nothing of); Docker's default on a
+    // cgroup v2 systemd host, written down so it cannot change under the workspaces
+    "exec-opts": ["native.cgroupdriver=systemd"],
   };
   if (p.gpuCount > 0) {
     // what `nvidia-ctk runtime configure --runtime=docker` would add; rendered here so the file has one owner
@@ -198,6 +209,41 @@ export function renderNvidiaAptSource(): string {
   );
 }
 
+/** Where the NVIDIA container toolkit's CLI lives (Debian/Ubuntu package nvidia-container-toolkit). */
+export const NVIDIA_CTK = "/usr/bin/nvidia-ctk";
+const DEV_CHAR_LINKS = `${NVIDIA_CTK} system create-dev-char-symlinks --create-all`;
+
+/**
+ * /etc/udev/rules.d/71-nvidia-dev-char.rules: the /dev/char/<major>:<minor> links of the NVIDIA device nodes,
+ * made whenever the driver binds (boot, driver update). runc's systemd cgroup driver describes a container's
+ * allowed devices to systemd by those paths; without them a `systemctl daemon-reload` (any package install does
+ * one) rewrites the container's device rules without the GPUs: "Failed to initialize NVML: Unknown Error"
+ * (NVIDIA/nvidia-container-toolkit#48, NVIDIA's recommended workaround).
+ */
+export function renderNvidiaDevCharRule(): string {
+  return [`# ${HEADER}`, `ACTION=="add", DEVPATH=="/bus/pci/drivers/nvidia", RUN+="${DEV_CHAR_LINKS}"`, ""].join("\n");
+}
+
+/** /etc/systemd/system/ts-nvidia-dev-char.service: the same links at every boot, before Docker starts the workspaces. */
+export function renderNvidiaDevCharUnit(): string {
+  return [
+    `# ${HEADER}`,
+    "[Unit]",
+    "Description=train-server: /dev/char links of the NVIDIA device nodes (GPUs survive systemctl daemon-reload)",
+    "After=systemd-modules-load.service systemd-udevd.service",
+    "Before=docker.service",
+    "",
+    "[Service]",
+    "Type=oneshot",
+    "RemainAfterExit=yes",
+    `ExecStart=${DEV_CHAR_LINKS}`,
+    "",
+    "[Install]",
+    "WantedBy=multi-user.target",
+    "",
+  ].join("\n");
+}
+
 /** Every baseline file, keyed by its name in $TS_FILES_DIR (the names baseline.sh reads). */
 export function renderBaselineFiles(p: BaselineParams): Record<string, string> {
   validateBaselineParams(p);
@@ -208,7 +254,12 @@ export function renderBaselineFiles(p: BaselineParams): Record<string, string> {
     "docker-service.conf": renderDockerServiceDropIn(p),
     "ufw-rules": renderUfwRules(p),
     "ufw-docker-user.rules": renderUfwDockerUserRules(p),
+    [WORKSPACE_SLICE]: renderWorkspaceSlice({ ramGb: p.ramGb, reservedRamGb: p.reservedRamGb }),
   };
-  if (p.gpuCount > 0) files["nvidia-container-toolkit.list"] = renderNvidiaAptSource();
+  if (p.gpuCount > 0) {
+    files["nvidia-container-toolkit.list"] = renderNvidiaAptSource();
+    files["nvidia-dev-char.rules"] = renderNvidiaDevCharRule();
+    files["ts-nvidia-dev-char.service"] = renderNvidiaDevCharUnit();
+  }
   return files;
 }

@@ -9,7 +9,8 @@
  *   the timers. Each timer starts `ts-<job>.service`, which runs `<scriptDir>/<job>.sh apply` with
  *   EnvironmentFile=<configDir>/ops.env (TS_* variables, see `renderOpsEnv`; no secret in it, only paths to the
  *   root-only secret files). Every job writes `<textfileDir>/train_server_<job>.prom` atomically.
- *   On GPU hosts ts-gpu-ledger (every minute) accounts GPU time to users; ts-weekly-digest sends the weekly digest;
+ *   On GPU hosts ts-gpu-ledger (every minute) accounts GPU time to users and ts-gpu-watchdog (every minute) checks
+ *   that each workspace still reaches its GPUs (gpu-watchdog.sh); ts-weekly-digest sends the weekly digest;
  *   ts-drift-check (daily) runs every installed host step's `check` and exports what differs (drift-check.sh).
  */
 import * as fs from "fs";
@@ -101,6 +102,11 @@ export interface OpsParams {
    */
   gpuLedger?: GpuAlertParams & { schedule?: string; maxGapSeconds?: number };
   /**
+   * GPU hosts: the GPU watchdog (host-scripts/gpu-watchdog.sh) and its alert. `workspaces`: every user with GPUs,
+   * their workspace container and how many GPUs the config gives it; `schedule` default "minutely".
+   */
+  gpuWatchdog?: { workspaces: Array<{ user: string; container: string; gpus: number }>; schedule?: string };
+  /**
    * The weekly digest to the admin chat: `schedule` (OnCalendar, default "Mon *-*-* 09:00:00"); `prometheusUrl`
    * (default "": the prometheus container's address on its Docker network).
    */
@@ -158,6 +164,7 @@ export const OPS_JOB_SCRIPTS = [
   "usage-collector.sh",
   "data-sync.sh",
   "gpu-ledger.sh",
+  "gpu-watchdog.sh",
   "weekly-digest.sh",
   "weekly-digest.jq",
   "drift-check.sh",
@@ -312,6 +319,7 @@ export function renderOpsEnv(p: OpsParams): string {
     if (!Number.isInteger(gap) || gap < 1) throw new Error(`gpuLedger.maxGapSeconds must be a positive integer (got ${gap})`);
     env.TS_GPU_LEDGER_MAX_GAP = String(gap);
   }
+  if (p.gpuWatchdog) env.TS_GPU_WORKSPACES = gpuWorkspacesEnv(p.gpuWatchdog.workspaces);
   if (p.dataSync) {
     env.TS_SYNC_SOURCE = check(SAFE_WORD, "dataSync.source", p.dataSync.source);
     env.TS_SYNC_DESTINATION = check(SAFE_WORD, "dataSync.destination", p.dataSync.destination);
@@ -320,6 +328,19 @@ export function renderOpsEnv(p: OpsParams): string {
   }
   const body = Object.entries(env).map(([k, v]) => `${k}="${v}"`);
   return ["# Rendered by train-server (components/render/ops.ts): inputs of the ops jobs. No secrets here.", ...body].join("\n") + "\n";
+}
+
+/** TS_GPU_WORKSPACES of gpu-watchdog.sh: "user:container:count ..." (users without GPUs are left out). */
+export function gpuWorkspacesEnv(workspaces: Array<{ user: string; container: string; gpus: number }>): string {
+  return workspaces
+    .filter((w) => w.gpus > 0)
+    .map((w) => {
+      check(/^[a-z_][a-z0-9_-]*$/, "gpuWatchdog.user", w.user);
+      check(/^[A-Za-z0-9][A-Za-z0-9_.-]*$/, "gpuWatchdog.container", w.container);
+      if (!Number.isInteger(w.gpus)) throw new Error(`gpuWatchdog: ${w.user} has a GPU count ${w.gpus} that is not an integer`);
+      return `${w.user}:${w.container}:${w.gpus}`;
+    })
+    .join(" ");
 }
 
 interface UnitSpec {
@@ -416,6 +437,7 @@ export const OPS_UNITS = {
   usage: "ts-usage-collector",
   dataSync: "ts-data-sync",
   gpuLedger: "ts-gpu-ledger",
+  gpuWatchdog: "ts-gpu-watchdog",
   digest: "ts-weekly-digest",
   drift: "ts-drift-check",
   drive: "ts-drive-mount.service",
@@ -462,6 +484,10 @@ export function renderOperations(p: OpsParams, scripts: OpsScripts): Record<stri
     });
   }
   if (p.gpuLedger) job(OPS_UNITS.gpuLedger, "gpu-ledger.sh", "per-user GPU ledger (who uses which GPU)", p.gpuLedger.schedule ?? "minutely");
+  if (p.gpuWatchdog) job(OPS_UNITS.gpuWatchdog, "gpu-watchdog.sh", "GPU watchdog (each workspace still reaches its GPUs)", p.gpuWatchdog.schedule ?? "minutely", {
+    unit: ["After=docker.service"],
+    service: ["TimeoutStartSec=5min"],
+  });
   job(OPS_UNITS.digest, "weekly-digest.sh", "weekly Telegram digest", p.digest?.schedule ?? "Mon *-*-* 09:00:00", {
     unit: ["Wants=network-online.target", "After=network-online.target"],
   });
@@ -477,6 +503,7 @@ export function renderOperations(p: OpsParams, scripts: OpsScripts): Record<stri
     driveMountpoint: p.drive.mountpoint,
     quotaWarnPercent: p.quotaWarnPercent,
     dataSyncEnabled: p.dataSync !== undefined,
+    gpuWatchdog: p.gpuWatchdog !== undefined,
     ...(p.gpuLedger ? { gpu: { idleHours: p.gpuLedger.idleHours, workingHours: p.gpuLedger.workingHours, userChats: p.gpuLedger.userChats } } : {}),
   };
   put(d.rulesPath, renderAlertRules(alertParams));
@@ -485,10 +512,11 @@ export function renderOperations(p: OpsParams, scripts: OpsScripts): Record<stri
 }
 
 /** Timers ops-install.sh enables (and the mount service), in the order it starts them. */
-export function opsEnabledUnits(p: Pick<OpsParams, "dataSync" | "gpuLedger">): string[] {
+export function opsEnabledUnits(p: Pick<OpsParams, "dataSync" | "gpuLedger" | "gpuWatchdog">): string[] {
   const timers: string[] = [OPS_UNITS.snapshot, OPS_UNITS.backup, OPS_UNITS.verify, OPS_UNITS.scrub, OPS_UNITS.usage, OPS_UNITS.drift];
   if (p.dataSync) timers.push(OPS_UNITS.dataSync);
   if (p.gpuLedger) timers.push(OPS_UNITS.gpuLedger);
+  if (p.gpuWatchdog) timers.push(OPS_UNITS.gpuWatchdog);
   timers.push(OPS_UNITS.digest);
   return [OPS_UNITS.drive, ...timers.map((t) => `${t}.timer`)];
 }

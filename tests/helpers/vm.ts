@@ -33,6 +33,8 @@ export interface VmRunOptions {
   udev?: boolean;
   timeoutSec?: number;
   memoryMb?: number;
+  /** Virtual CPUs (default 1). */
+  cpus?: number;
 }
 
 export interface VmRun {
@@ -121,7 +123,7 @@ export function runInVm(opts: VmRunOptions): VmRun {
     fs.appendFileSync(initrd, zlib.gzipSync(cpio.stdout));
 
     const args = [
-      "-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", String(opts.memoryMb ?? 1024),
+      "-accel", "tcg", "-cpu", "max", "-smp", String(opts.cpus ?? 1), "-m", String(opts.memoryMb ?? 1024),
       "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-nic", "none",
       "-kernel", img.kernel, "-initrd", initrd,
       "-append", [

@@ -18,6 +18,8 @@ const params: BaselineParams = {
   userPortRange: { from: 2222, to: 62999 },
   adminUser: "tsadmin",
   dataRoot: `${MP}/docker-data`,
+  ramGb: 8,
+  reservedRamGb: 2,
   gpuCount: 0,
 };
 const ADMIN_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOo0Lw6bWi1BQ2ZrWSRnAqdl2m1N9c3uEo2Szj4xq8Za admin@laptop";
@@ -29,7 +31,9 @@ const MANAGED = [
   "/etc/ufw/after.rules",
   "/etc/ufw/user.rules",
   "/etc/default/ufw",
+  "/etc/systemd/system/trainws.slice",
 ];
+const GIB = 1024 ** 3;
 
 function writeFiles(dir: string, files: Record<string, string>): void {
   fs.rmSync(dir, { recursive: true, force: true });
@@ -69,6 +73,24 @@ describe("rendered baseline files pass their real validators", () => {
     expect(ok.stdout + ok.stderr).toMatch(/OK: configuration test is successful/);
     fs.writeFileSync(path.join(conf, "jail.d/train-server.conf"), files["fail2ban-jail.conf"].replace("backend = systemd", "backend = nosuchbackend"));
     expect(bash(`fail2ban-client -c ${conf} -t`).status).not.toBe(0);
+  });
+
+  test("systemd-analyze verify accepts the workspace slice and the NVIDIA /dev/char unit (and rejects a missing binary)", () => {
+    // a scratch root with systemd's own units (the dependencies of a unit with default dependencies) and a stub of
+    // the toolkit's CLI: the real one is on GPU hosts only
+    const root = path.join(scratch.dir, "sysroot");
+    fs.mkdirSync(path.join(root, "usr/lib/systemd"), { recursive: true });
+    fs.cpSync("/usr/lib/systemd/system", path.join(root, "usr/lib/systemd/system"), { recursive: true, verbatimSymlinks: true });
+    fs.mkdirSync(path.join(root, "etc/systemd/system"), { recursive: true });
+    fs.mkdirSync(path.join(root, "usr/bin"), { recursive: true });
+    const gpu = renderBaselineFiles({ ...params, gpuCount: 1 });
+    for (const unit of ["trainws.slice", "ts-nvidia-dev-char.service"]) fs.writeFileSync(path.join(root, "etc/systemd/system", unit), gpu[unit]);
+    const verify = () => bash(`systemd-analyze verify --root=${root} /etc/systemd/system/trainws.slice /etc/systemd/system/ts-nvidia-dev-char.service`);
+    const missing = verify();
+    expect(missing.status).not.toBe(0);
+    expect(missing.stderr).toMatch(/ts-nvidia-dev-char\.service: Command \/usr\/bin\/nvidia-ctk is not executable/);
+    fs.writeFileSync(path.join(root, "usr/bin/nvidia-ctk"), "#!/bin/sh\n", { mode: 0o755 });
+    expect(verify()).toMatchObject({ status: 0, stderr: "" });
   });
 
   test("iptables-restore accepts the DOCKER-USER block (in a scratch network namespace)", () => {
@@ -135,6 +157,10 @@ describe("baseline.sh in a booted systemd container", () => {
     // the Docker provider connects over ssh as the admin: the admin reaches the daemon without sudo
     expect(c.run(["id", "-nG", params.adminUser]).trim().split(" ")).toContain("docker");
     expect(c.run(["btrfs", "subvolume", "show", `${MP}/docker-data`])).toContain("Subvolume ID");
+    // the workspaces' slice: running, protecting host.ramGb - host.reservedRamGb; Docker's cgroup driver is systemd
+    expect(c.exec(["systemctl", "is-active", "trainws.slice"]).stdout.trim()).toBe("active");
+    expect(c.run(["systemctl", "show", "-p", "MemoryLow", "--value", "trainws.slice"]).trim()).toBe(String(6 * GIB));
+    expect(c.run(["docker", "info", "--format", "{{.CgroupDriver}}"]).trim()).toBe("systemd");
 
     const ufw = c.run(["ufw", "status", "verbose"]);
     expect(ufw).toMatch(/Status: active/);
@@ -164,6 +190,44 @@ describe("baseline.sh in a booted systemd container", () => {
     const check = c.runScript("baseline", "check", env());
     expect(check.status).toBe(0);
     expect(Object.entries(check.results).filter(([k, v]) => k.startsWith("drift.") && v !== "no")).toEqual([]);
+  });
+
+  test("a new RAM pool reaches the running slice live: nothing restarts, a unit in the slice keeps running", () => {
+    // what runc's systemd driver does for a workspace (a transient unit with Slice=trainws.slice and MemoryLow=the
+    // guarantee). Not a real container: runc cannot create cgroups in this container (the v1 controllers of this
+    // hybrid host are read-only in it); tests/host/workspace-memory.test.ts proves the protection on cgroup v2.
+    const unit = "ts-ws-probe.service";
+    c.run(["systemd-run", "--unit", unit, "--slice", "trainws.slice", "-p", "MemoryLow=64M", "/bin/sleep", "1000"]);
+    expect(c.run(["systemctl", "show", "-p", "Slice", "--value", unit]).trim()).toBe("trainws.slice");
+    expect(c.run(["systemctl", "show", "-p", "ControlGroup", "--value", unit]).trim()).toBe(`/trainws.slice/${unit}`);
+    const pid = c.run(["systemctl", "show", "-p", "MainPID", "--value", unit]).trim();
+
+    const before = { starts: starts() };
+    write({ ...params, ramGb: 12 });
+    const drift = c.runScript("baseline", "check", env());
+    expect(drift.results["drift.trainws.slice"]).toBe("yes");
+    expect(drift.results["drift.slice-memory-low"]).toBe("yes");
+    const r = c.runScript("baseline", "apply", env());
+    expect(r.status).toBe(0);
+    expect(r.stderr).toMatch(/trainws\.slice MemoryLow=10737418240 \(applied live\)/);
+    expect(c.run(["systemctl", "show", "-p", "MemoryLow", "--value", "trainws.slice"]).trim()).toBe(String(10 * GIB));
+    expect(starts()).toBe(before.starts);
+    expect(c.run(["systemctl", "show", "-p", "MainPID", "--value", unit]).trim()).toBe(pid);
+    expect(c.exec(["systemctl", "is-active", unit]).stdout.trim()).toBe("active");
+    expect(c.runScript("baseline", "apply", env()).changes).toBe(0);
+    c.run(["systemctl", "stop", unit]);
+    write(params);
+    expect(c.runScript("baseline", "apply", env()).status).toBe(0);
+  });
+
+  test("refuses a pool larger than the host's RAM, before changing anything", () => {
+    const before = sums();
+    write({ ...params, ramGb: 100000, reservedRamGb: 2 });
+    const r = c.runScript("baseline", "apply", env());
+    expect(r.status).toBe(3);
+    expect(r.stderr).toMatch(/host.ramGb - host.reservedRamGb is more than the host has; set host.ramGb to the host's RAM/);
+    expect(sums()).toBe(before);
+    write(params);
   });
 
   test("a rule added by hand is removed and a new LAN converges both firewalls", () => {

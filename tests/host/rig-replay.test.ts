@@ -218,8 +218,7 @@ describe("RIG REPLAY: the rig stack's remote commands against a booted systemd c
     // as the README says: pulumi config set --path 'users[2].name' frank ... (the same structured value)
     const withFrank = clone(raw);
     withFrank.users.push({ name: "frank", uid: 1002, email: "frank@example.com", sshKeys: [frankKey] });
-    // the rig's 4 GB hold two 1 GB guarantees: say the rig has room for a third (ramGb feeds only that check)
-    withFrank.host.ramGb = raw.host.ramGb + 1;
+    // the rig's pool (Pulumi.rig.yaml: ramGb 5 - reservedRamGb 2) has room for frank's 1 GB guarantee: no host change
     const planFrank = await planOf(withFrank, secrets);
     const added = phase("add a user (up)", () => replayer.up(planFrank));
     // the users and ops steps, and frank's own rollout guard (its apply and the registration of its teardown)

@@ -128,7 +128,7 @@ describe("host key pinning (dockerSshOpts)", () => {
 });
 
 describe("sshd MaxStartups under a first up's burst of connections", () => {
-  const rendered = renderSshdConfig({ sshPort: 22, lanCidr: "10.0.0.0/8", userPortRange: { from: 2222, to: 62999 }, adminUser: "ops", dataRoot: "/mnt/storage/docker-data", gpuCount: 0 });
+  const rendered = renderSshdConfig({ sshPort: 22, lanCidr: "10.0.0.0/8", userPortRange: { from: 2222, to: 62999 }, adminUser: "ops", dataRoot: "/mnt/storage/docker-data", ramGb: 8, reservedRamGb: 2, gpuCount: 0 });
   const maxStartups = rendered.split("\n").filter((l) => l.startsWith("MaxStartups"));
 
   /** Hold `idle` TCP connections open without a word (unauthenticated), then run `logins` ssh logins at once. */

@@ -9,6 +9,7 @@ import {
   renderUfwDockerUserRules,
   renderUfwRules,
 } from "../../components/render/baseline";
+import { cgroupMemoryFiles, WORKSPACE_SLICE } from "../../components/render/workspace-slice";
 
 const params: BaselineParams = {
   sshPort: 22,
@@ -16,6 +17,8 @@ const params: BaselineParams = {
   userPortRange: { from: 2222, to: 62999 },
   adminUser: "admin",
   dataRoot: "/mnt/storage/docker-data",
+  ramGb: 8,
+  reservedRamGb: 2,
   gpuCount: 0,
 };
 /** Non-comment, non-blank lines. */
@@ -70,6 +73,7 @@ describe("renderDockerDaemonJson", () => {
       "log-driver": "json-file",
       "log-opts": { "max-size": "50m", "max-file": "5" },
       "live-restore": true,
+      "exec-opts": ["native.cgroupdriver=systemd"],
     });
   });
   test("adds the nvidia runtime when there are GPUs", () => {
@@ -106,9 +110,14 @@ describe("firewall", () => {
 describe("renderBaselineFiles", () => {
   test("the file names baseline.sh reads; the NVIDIA apt source only with GPUs", () => {
     expect(Object.keys(renderBaselineFiles(params)).sort()).toEqual(
-      ["daemon.json", "docker-service.conf", "fail2ban-jail.conf", "sshd.conf", "ufw-docker-user.rules", "ufw-rules"],
+      ["daemon.json", "docker-service.conf", "fail2ban-jail.conf", "sshd.conf", "trainws.slice", "ufw-docker-user.rules", "ufw-rules"],
     );
     const gpu = renderBaselineFiles({ ...params, gpuCount: 1 });
+    expect(Object.keys(gpu).filter((k) => !(k in renderBaselineFiles(params))).sort()).toEqual(["nvidia-container-toolkit.list", "nvidia-dev-char.rules", "ts-nvidia-dev-char.service"]);
+    // NVIDIA's workaround for GPUs lost on daemon-reload: /dev/char links whenever the driver binds, and at boot before Docker
+    expect(gpu["nvidia-dev-char.rules"]).toMatch(/^ACTION=="add", DEVPATH=="\/bus\/pci\/drivers\/nvidia", RUN\+="\/usr\/bin\/nvidia-ctk system create-dev-char-symlinks --create-all"$/m);
+    expect(gpu["ts-nvidia-dev-char.service"]).toMatch(/^ExecStart=\/usr\/bin\/nvidia-ctk system create-dev-char-symlinks --create-all$/m);
+    expect(gpu["ts-nvidia-dev-char.service"]).toMatch(/^Before=docker\.service$/m);
     expect(gpu["nvidia-container-toolkit.list"]).toContain(
       "deb [signed-by=/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg] https://nvidia.github.io/libnvidia-container/stable/deb/$(ARCH) /",
     );
@@ -125,7 +134,35 @@ describe("renderBaselineFiles", () => {
     ["a relative data root", { dataRoot: "docker" }, /dataRoot/],
     ["a data root with a newline", { dataRoot: "/mnt/x\n/y" }, /dataRoot/],
     ["a bad ban time", { banTime: "1 hour" }, /banTime/],
+    ["a reserve of all the RAM", { ramGb: 8, reservedRamGb: 8 }, /host.reservedRamGb 8 GB must be below host.ramGb 8 GB/],
   ])("rejects %s", (_what, patch, message) => {
     expect(() => renderBaselineFiles({ ...params, ...patch } as BaselineParams)).toThrow(message);
+  });
+});
+
+describe("the workspace slice and Docker's cgroup driver", () => {
+  test("trainws.slice protects the users' pool, host.ramGb - host.reservedRamGb, in bytes", () => {
+    const unit = renderBaselineFiles({ ...params, ramGb: 256, reservedRamGb: 16 })["trainws.slice"];
+    expect(unit).toMatch(/^\[Slice\]$/m);
+    expect(unit).toMatch(/^MemoryAccounting=yes$/m);
+    expect(/^MemoryLow=(\d+)$/m.exec(unit)![1]).toBe(String(240 * 1024 ** 3));
+    // independent of the users: the same host config renders the same file
+    expect(renderBaselineFiles({ ...params, ramGb: 256, reservedRamGb: 16, sshPort: 2022 })["trainws.slice"]).toBe(unit);
+  });
+
+  test("the slice is top-level (no '-' in its name, which systemd reads as a parent slice)", () => {
+    expect(WORKSPACE_SLICE).toMatch(/^[a-z0-9_]+\.slice$/);
+  });
+
+  test("daemon.json pins the systemd cgroup driver (containers become scopes under the slice)", () => {
+    expect(JSON.parse(renderDockerDaemonJson(params))["exec-opts"]).toEqual(["native.cgroupdriver=systemd"]);
+  });
+
+  test("runc's cgroup v2 files for Docker's memory settings", () => {
+    expect(cgroupMemoryFiles({ memory: 100 * 1024, memoryReservation: 32 * 1024, memorySwap: 150 * 1024 })).toEqual({
+      "memory.low": 32 * 1024 ** 3,
+      "memory.max": 100 * 1024 ** 3,
+      "memory.swap.max": 50 * 1024 ** 3,
+    });
   });
 });

@@ -1,9 +1,11 @@
 /** The GPU ledger's renderers: working hours as minute-of-week ranges, its rules, the idle notices' routes, the units and env. */
 import YAML from "yaml";
 import { parseConfig } from "../../components/config";
-import { gpuLedgerParams, opsParams, weeklyOnCalendar } from "../../components/operations";
+import { gpuLedgerParams, gpuWatchdogParams, opsParams, weeklyOnCalendar } from "../../components/operations";
 import { gpuRules, gpuUsersEnv, workingRanges } from "../../components/render/gpu";
-import { opsEnabledUnits, OpsScripts, OPS_JOB_SCRIPTS, renderOperations, renderOpsEnv } from "../../components/render/ops";
+import { gpuWorkspacesEnv, opsEnabledUnits, OpsScripts, OPS_JOB_SCRIPTS, renderOperations, renderOpsEnv } from "../../components/render/ops";
+import { alertRules } from "../../components/render/alerts";
+import { runProgram } from "../helpers/program";
 import { renderGrafanaDashboards } from "../../components/render/services";
 import { clone, stackRaw } from "../helpers/program";
 import { exampleGpuOpsParams, exampleOpsParams, TELEGRAM_TOKEN } from "../helpers/ops";
@@ -96,6 +98,53 @@ describe("Operations on a GPU host", () => {
     expect(renderOpsEnv(exampleOpsParams())).not.toContain("TS_GPU_USERS");
     expect(opsEnabledUnits(exampleOpsParams())).toContain("ts-weekly-digest.timer");
     expect(opsEnabledUnits(exampleOpsParams())).not.toContain("ts-gpu-ledger.timer");
+  });
+});
+
+describe("the GPU watchdog", () => {
+  const watchdog = { workspaces: [{ user: "alice", container: "workspace-alice", gpus: 1 }, { user: "bob", container: "workspace-bob", gpus: 4 }, { user: "carol", container: "workspace-carol", gpus: 0 }] };
+  const p = exampleGpuOpsParams({ gpuWatchdog: watchdog });
+  const files = renderOperations(p, scripts);
+  const unit = (n: string) => files[`/etc/systemd/system/${n}`].content;
+  it("runs every minute after Docker, with the workspaces of the users that have GPUs and how many", () => {
+    expect(unit("ts-gpu-watchdog.timer")).toMatch(/^OnCalendar=minutely$/m);
+    expect(unit("ts-gpu-watchdog.service")).toMatch(/^ExecStart=\/usr\/local\/lib\/train-server\/ops\/gpu-watchdog\.sh apply$/m);
+    expect(unit("ts-gpu-watchdog.service")).toMatch(/^After=docker\.service$/m);
+    expect(renderOpsEnv(p)).toContain('TS_GPU_WORKSPACES="alice:workspace-alice:1 bob:workspace-bob:4"');
+    expect(opsEnabledUnits(p)).toEqual(expect.arrayContaining(["ts-gpu-ledger.timer", "ts-gpu-watchdog.timer"]));
+    expect(() => gpuWorkspacesEnv([{ user: "x;y", container: "c", gpus: 1 }])).toThrow(/gpuWatchdog\.user/);
+  });
+  it("its alerts are in the ops group on GPU hosts only", () => {
+    const rules = YAML.parse(files["/etc/train-server/prometheus/rules/train-server-ops.rules.yml"].content).groups[0].rules.map((r: { alert: string }) => r.alert);
+    expect(rules).toEqual(expect.arrayContaining(["WorkspaceGpuUnreachable", "GpuWatchdogFailing"]));
+    const plain = renderOperations(exampleOpsParams(), scripts);
+    expect(plain["/etc/systemd/system/ts-gpu-watchdog.timer"]).toBeUndefined();
+    expect(alertRules({ ...exampleOpsParams().alerts, mountpoint: "/m", driveMountpoint: "/d", quotaWarnPercent: 80 }).map((r) => r.alert)).not.toContain("WorkspaceGpuUnreachable");
+  });
+  it("from the config: `all` counts the host's GPUs, pinned users their list, `none` is left out", () => {
+    const raw = clone(stackRaw("prod"));
+    raw.host.gpu.count = 4;
+    raw.users[1].gpus = [1, 3];
+    raw.users[2].gpus = "none";
+    expect(gpuWatchdogParams(parseConfig(raw)).workspaces).toEqual([
+      { user: "alice", container: "workspace-alice", gpus: 4 },
+      { user: "bob", container: "workspace-bob", gpus: 2 },
+      { user: "dave", container: "workspace-dave", gpus: 4 },
+      { user: "eve", container: "workspace-eve", gpus: 4 },
+    ]);
+  });
+  it("the program enables the ledger's and the watchdog's timers on a GPU host (not on one without GPUs)", async () => {
+    const units = async (raw: Record<string, any>) => {
+      const { resources } = await runProgram(raw);
+      const ops = resources.find((r) => r.type === "train-server:host:Script" && r.inputs.script === "ops-install")!;
+      return String(ops.inputs.files.units).trim().split("\n");
+    };
+    expect(await units(stackRaw("prod"))).toEqual(expect.arrayContaining(["ts-gpu-ledger.timer", "ts-gpu-watchdog.timer"]));
+    const noGpu = clone(stackRaw("prod"));
+    noGpu.host.gpu.count = 0;
+    for (const u of noGpu.users) delete u.gpus;
+    delete noGpu.resources?.gpus;
+    expect(await units(noGpu)).not.toEqual(expect.arrayContaining(["ts-gpu-watchdog.timer"]));
   });
 });
 

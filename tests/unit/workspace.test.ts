@@ -71,6 +71,8 @@ describe("workspaces of the prod stack", () => {
   test("memory: 32 GB guarantee (reservation), 100 GB limit, 50 GB swap, shm; GPU shared by all", () => {
     for (const w of workspaces(res)) {
       expect(w.inputs).toMatchObject({ memory: 102400, memoryReservation: 32768, memorySwap: 153600, shmSize: 16384 });
+      // the reservation is memory.low: it protects only under the baseline's slice (tests/host/workspace-memory.test.ts)
+      expect(w.inputs.cgroupParent).toBe("trainws.slice");
       expect(w.inputs.deviceRequests).toEqual([expect.objectContaining({ driver: "nvidia", count: -1, capabilities: ["gpu"] })]);
       expect(w.inputs.gpus).toBeUndefined();
     }
