@@ -13,7 +13,7 @@ export function exampleOpsParams(over: Partial<OpsParams> = {}): OpsParams {
       { name: "bob", uid: 2002, quotaGb: 1000 },
     ],
     quotaWarnPercent: 80,
-    snapshots: { hourly: 24, daily: 7, weekly: 4, dailyHour: 2, weeklyDay: "sunday", sources: ["homes/*", "docker-volumes/*"] },
+    snapshots: { hourly: 24, daily: 7, weekly: 4, dailyHour: 2, weeklyDay: "sunday", sources: ["homes/{user}", "docker-volumes/*"] },
     backup: {
       repository: "rclone:gdrive:train-server/restic",
       schedule: "06:00",

@@ -258,6 +258,29 @@ describe("blast radius of a user change", () => {
     expect(Object.keys(a).filter((k) => JSON.stringify(a[k]) !== JSON.stringify(b[k]))).toEqual(["/etc/train-server/ops/ops.env"]);
   });
 
+  test("offboarding in one up: the removed user's routes, Access entries, DNS records, container and SSH keys all go", async () => {
+    const before = (await runProgram(stackRaw("prod"))).resources;
+    const raw = clone(stackRaw("prod"));
+    const charlie = raw.users.splice(2, 1)[0];
+    const after = (await runProgram(raw)).resources;
+    const keyBody = charlie.sshKeys[0].split(" ")[1];
+    const keysB64 = Buffer.from(charlie.sshKeys.join("\n") + "\n").toString("base64");
+    // what mentions charlie (name, address, key, or the users step's base64 key record) before and after
+    const mentions = (rs: Registered[]) =>
+      rs.filter((r) => [r.name, JSON.stringify(r.inputs)].some((t) => /charlie/.test(t) || t.includes(keyBody) || t.includes(keysB64))).map((r) => `${r.type}::${r.name}`);
+    expect(mentions(before)).toEqual(
+      expect.arrayContaining([
+        "cloudflare:index/zeroTrustAccessApplication:ZeroTrustAccessApplication::server-edge-app-charlie-code",
+        "cloudflare:index/zeroTrustAccessPolicy:ZeroTrustAccessPolicy::server-edge-policy-user-charlie",
+        "cloudflare:index/dnsRecord:DnsRecord::server-edge-dns-charlie-jupyter",
+        "cloudflare:index/zeroTrustTunnelCloudflaredConfig:ZeroTrustTunnelCloudflaredConfig::server-edge-tunnel-config",
+        "docker:index/container:Container::server-ws-charlie-container",
+        "command:remote:Command::server-users-apply",
+      ]),
+    );
+    expect(mentions(after)).toEqual([]);
+  });
+
   test("removing a user touches no other user's container and no shared service", async () => {
     const d = await diff((c) => c.users.splice(2, 1));
     expect(d.added).toEqual([]);
