@@ -12,6 +12,7 @@ import * as random from "@pulumi/random";
 import * as path from "path";
 import type { ServerConfig, UserConfig } from "./config";
 import { SHARED_GID, SHARED_GROUP } from "./baseline";
+import { homeSnapshotDir, RESTORE_SPOOL } from "./render/ops";
 import { labelList, traefikLabels } from "./render/services";
 import { containerLifecycle } from "./services";
 import {
@@ -96,7 +97,8 @@ export function gpuRequests(user: UserConfig): docker.types.input.ContainerDevic
 }
 
 /** Bind mounts of a user's workspace (the image's contract): home, /workspace, the state dir (inner Docker data,
- * SSH host keys), the shared caches, and /shared (the Drive mount, propagated so a remount shows through). */
+ * SSH host keys), the shared caches, /shared (the Drive mount, propagated so a remount shows through), the user's own
+ * home snapshots at /snapshots (read-only) and restore spool (the `restore` command; users.sh makes both). */
 export function workspaceMounts(config: ServerConfig, user: UserConfig): docker.types.input.ContainerMount[] {
   const root = config.storage.mountpoint;
   return imageMounts({
@@ -106,6 +108,8 @@ export function workspaceMounts(config: ServerConfig, user: UserConfig): docker.
     state: `${root}/docker-volumes/${user.name}`,
     cacheRoot: `${root}/cache`,
     shared: `${root}/shared`,
+    snapshots: homeSnapshotDir(root, user.name),
+    restoreSpool: `${RESTORE_SPOOL}/${user.name}`,
   }).map((m) => ({
     type: "bind",
     source: m.source,

@@ -347,7 +347,7 @@ export function renderOpsEnv(p: OpsParams): string {
     TS_QUOTA_WARN_PERCENT: String(p.quotaWarnPercent),
     TS_RESTORE_SPOOL: check(SAFE_ABS, "restore.spool", p.restore?.spool ?? RESTORE_SPOOL),
     TS_RESTORE_USERS: usersByUid(p).map((u) => `${u.name}:${u.uid}`).join(" "),
-    TS_RESTORE_MAX_GB: String(positiveInt("restore.maxGb", p.restore?.maxGb ?? 100)),
+    TS_RESTORE_MAX_MB: String(positiveInt("restore.maxGb", p.restore?.maxGb ?? 100) * 1024),
     TS_RESTORE_TIMEOUT_S: String(positiveInt("restore.timeoutSeconds", p.restore?.timeoutSeconds ?? 7200)),
     TS_TELEGRAM_CHAT_ID: check(/^-?\d+$/, "alerts.telegramChatId", String(p.alerts.telegramChatId)),
     TS_TELEGRAM_API_URL: check(URL_RE, "alerts.telegramApiUrl", p.alerts.telegramApiUrl ?? "https://api.telegram.org"),
