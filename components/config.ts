@@ -451,6 +451,7 @@ const cloudflareSchema = z
   })
   .strict();
 
+const ARCHIVE_YEARS = 'must be "forever" or a whole number of years (1-100); "forever" is the default';
 const backupSchema = z
   .object({
     /** restic repository, normally on the Drive remote through rclone. */
@@ -464,7 +465,7 @@ const backupSchema = z
      * never touches it): "forever" (default) or whole years. The archive snapshot on the array is never deleted.
      */
     archiveKeepYears: z
-      .union([z.literal("forever"), z.number().int().min(1).max(100)], { error: 'must be "forever" or a whole number of years (1-100)' })
+      .union([z.literal("forever"), z.number().int(ARCHIVE_YEARS).min(1, ARCHIVE_YEARS).max(100, ARCHIVE_YEARS)], { error: ARCHIVE_YEARS })
       .default("forever"),
     /** Monthly restore verification: day of month and time. */
     verifyDay: z.number().int().min(1).max(28).default(1),

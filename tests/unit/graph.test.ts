@@ -244,7 +244,7 @@ describe("blast radius of a user change", () => {
     expect(d.added).toEqual(expect.arrayContaining(["docker:index/container:Container::server-ws-frank-container"]));
   });
 
-  test("what the ops step rewrites on a user change is only ops.env (the usage collector's list): no unit, no mount, no rules", () => {
+  test("what the ops step rewrites on a user change is only ops.env (the users lists) and btrbk.conf (their own snapshot dir): no unit, no mount, no rules", () => {
     const { parseConfig } = require("../../components/config");
     const { opsParams } = require("../../components/operations");
     const { loadOpsScripts, renderOperations } = require("../../components/render/ops");
@@ -255,7 +255,11 @@ describe("blast radius of a user change", () => {
     const a = files(stackRaw("prod"));
     const b = files(raw);
     expect(Object.keys(b).sort()).toEqual(Object.keys(a).sort());
-    expect(Object.keys(a).filter((k) => JSON.stringify(a[k]) !== JSON.stringify(b[k]))).toEqual(["/etc/train-server/ops/ops.env"]);
+    expect(Object.keys(a).filter((k) => JSON.stringify(a[k]) !== JSON.stringify(b[k])).sort()).toEqual(["/etc/train-server/ops/btrbk.conf", "/etc/train-server/ops/ops.env"]);
+    // btrbk.conf only gains frank's pair; the other users' lines stay as they were
+    const conf = (f: any) => f["/etc/train-server/ops/btrbk.conf"].content.split("\n");
+    expect(conf(b).filter((l: string) => !conf(a).includes(l))).toEqual(["  subvolume homes/frank", "    snapshot_dir .snapshots/homes/frank"]);
+    expect(conf(a).filter((l: string) => !conf(b).includes(l))).toEqual([]);
   });
 
   test("offboarding in one up: the removed user's routes, Access entries, DNS records, container and SSH keys all go", async () => {
