@@ -10,6 +10,7 @@ import { execFileSync, spawnSync } from "child_process";
 import * as fs from "fs";
 import * as path from "path";
 import { checksumTree, runScript, Scratch, sh, writeRandomFile, HOST_SCRIPTS } from "../helpers/host";
+import { backupTestEnv } from "../helpers/ops";
 
 let scratch: Scratch;
 let mnt: string;
@@ -41,23 +42,7 @@ beforeAll(() => {
   sh("btrfs", ["-q", "subvolume", "create", path.join(mnt, "snapshots/archive/dave-20261101T000000Z")]);
   sh("btrfs", ["-q", "subvolume", "snapshot", "-r", path.join(mnt, "homes/bob"), path.join(mnt, "snapshots/archive/bob-copy")]);
 
-  const secrets = path.join(scratch.dir, "secrets");
-  fs.mkdirSync(secrets, { mode: 0o700 });
-  fs.writeFileSync(path.join(secrets, "restic-password"), "archive test password\n", { mode: 0o600 });
-  fs.writeFileSync(path.join(secrets, "rclone.conf"), "[backupdisk]\ntype = local\n", { mode: 0o600 });
-  env = {
-    TS_MOUNTPOINT: mnt,
-    TS_SNAPSHOT_SOURCES: "homes/* docker-volumes/*",
-    TS_RESTIC_REPOSITORY: `rclone:backupdisk:${path.join(scratch.dir, "drive", "restic")}`,
-    TS_RESTIC_PASSWORD_FILE: path.join(secrets, "restic-password"),
-    TS_RCLONE_CONFIG: path.join(secrets, "rclone.conf"),
-    TS_BACKUP_LIMIT_UPLOAD_KIB: "0",
-    TS_BACKUP_KEEP_DAILY: "3",
-    TS_BACKUP_KEEP_WEEKLY: "1",
-    TS_BACKUP_ARCHIVE_KEEP_YEARS: "0",
-    TS_STATE_DIR: path.join(scratch.dir, "state"),
-    TS_TEXTFILE_DIR: path.join(scratch.dir, "textfile"),
-  };
+  env = backupTestEnv(scratch.dir, mnt, "archive test password", { TS_BACKUP_KEEP_DAILY: "3", TS_BACKUP_KEEP_WEEKLY: "1" });
   // the ops.env restic-admin.sh reads (the rendered file's syntax: KEY="value")
   opsEnv = path.join(scratch.dir, "ops.env");
   fs.writeFileSync(opsEnv, Object.entries(env).map(([k, v]) => `${k}="${v}"`).join("\n") + "\n");

@@ -13,7 +13,7 @@ import * as fs from "fs";
 import * as path from "path";
 import { renderBtrbkConf } from "../../components/render/ops";
 import { WORKSPACE_RESTORE_SPOOL, WORKSPACE_SNAPSHOTS_DIR } from "../../components/render/workspace-image";
-import { exampleOpsParams } from "../helpers/ops";
+import { backupTestEnv, exampleOpsParams } from "../helpers/ops";
 import { bash, checksumTree, HOST_SCRIPTS, REPO, runScript, Scratch, sh, usersEnv, writeRandomFile } from "../helpers/host";
 
 const A = { name: "tsr-alice", uid: 61201 };
@@ -88,28 +88,14 @@ beforeAll(() => {
   fs.writeFileSync(conf, renderBtrbkConf(exampleOpsParams({ mountpoint: mp, users: [{ name: A.name, uid: A.uid, quotaGb: 1 }, { name: B.name, uid: B.uid, quotaGb: 1 }] })));
   snapEnv = { TS_BTRBK_CONF: conf, TS_MOUNTPOINT: mp, TS_TEXTFILE_DIR: path.join(scratch.dir, "textfile"), TZ: "UTC" };
 
-  const secrets = path.join(scratch.dir, "secrets");
-  fs.mkdirSync(secrets, { mode: 0o700 });
-  fs.writeFileSync(path.join(secrets, "restic-password"), "restore test password\n", { mode: 0o600 });
-  fs.writeFileSync(path.join(secrets, "rclone.conf"), "[backupdisk]\ntype = local\n", { mode: 0o600 });
-  opsEnv = {
-    TS_MOUNTPOINT: mp,
-    TS_SNAPSHOT_SOURCES: "homes/* docker-volumes/*",
-    TS_RESTIC_REPOSITORY: `rclone:backupdisk:${path.join(scratch.dir, "drive/restic")}`,
-    TS_RESTIC_PASSWORD_FILE: path.join(secrets, "restic-password"),
-    TS_RCLONE_CONFIG: path.join(secrets, "rclone.conf"),
-    TS_BACKUP_LIMIT_UPLOAD_KIB: "0",
-    TS_BACKUP_KEEP_DAILY: "7",
-    TS_BACKUP_KEEP_WEEKLY: "52",
-    TS_BACKUP_ARCHIVE_KEEP_YEARS: "0",
-    TS_STATE_DIR: path.join(scratch.dir, "ops-state"),
-    TS_TEXTFILE_DIR: path.join(scratch.dir, "textfile"),
+  opsEnv = backupTestEnv(scratch.dir, mp, "restore test password", {
     TS_RESTORE_SPOOL: spool,
     TS_RESTORE_USERS: `${A.name}:${A.uid} ${B.name}:${B.uid}`,
     TS_RESTORE_MAX_MB: "4",
     TS_RESTORE_TIMEOUT_S: "300",
+    TS_TEXTFILE_DIR: snapEnv.TS_TEXTFILE_DIR,
     TZ: "UTC",
-  };
+  });
 });
 afterAll(() => scratch.cleanup());
 
