@@ -99,6 +99,7 @@ do_restore() { # DIR ID PATH FROM IN_PLACE
   if [[ $in_place == 1 ]]; then dest=$rel; else dest=restored/$stamp/$rel; fi
   # nothing on the way to the destination may be a symlink (the copy runs as the user anyway)
   p=$home
+  [[ -d $home && ! -L $home ]] || { respond "$dir" "$id" status=failed "message=your home is not on the array; ask an admin"; return; }
   local part IFS=/
   for part in ${dest%/*}; do
     [[ $dest == */* ]] || break

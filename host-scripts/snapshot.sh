@@ -4,6 +4,8 @@
 # Inputs: TS_BTRBK_CONF (path), TS_MOUNTPOINT, TS_TEXTFILE_DIR.
 # apply: `btrbk run` (create + retention); check: `btrbk dryrun`, changes nothing; destroy: nothing (snapshots
 # are data: delete them by hand with `btrbk clean`/`btrfs subvolume delete` if you really mean it).
+# Each user's home goes to a directory of its own (.snapshots/homes/<user>/, bind-mounted read-only into that user's
+# workspace); a listed subvolume that does not exist yet is skipped; snapshots of the older shared layout are moved in.
 source "${BASH_SOURCE[0]%/*}/lib.sh"
 source "${BASH_SOURCE[0]%/*}/ops-lib.sh"
 action=$(ts_action "${1:-}")
