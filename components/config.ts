@@ -454,6 +454,7 @@ const cloudflareSchema = z
   })
   .strict();
 
+const ARCHIVE_YEARS = 'must be "forever" or a whole number of years (1-100); "forever" is the default';
 const backupSchema = z
   .object({
     /** restic repository, normally on the Drive remote through rclone. */
@@ -462,6 +463,13 @@ const backupSchema = z
     uploadLimitMbit: z.number().min(0.01, "must be at least 0.01 Mbit/s (restic's --limit-upload is in whole KiB/s; 0 would mean unlimited)").max(100_000, "must be at most 100000 Mbit/s").default(100),
     keepDaily: count(1, 36_500).default(7),
     keepWeekly: count(1, 5_200).default(52),
+    /**
+     * How long the restic copy of a removed user's archived home is kept (its own tag: the daily/weekly `forget`
+     * never touches it): "forever" (default) or whole years. The archive snapshot on the array is never deleted.
+     */
+    archiveKeepYears: z
+      .union([z.literal("forever"), z.number().int(ARCHIVE_YEARS).min(1, ARCHIVE_YEARS).max(100, ARCHIVE_YEARS)], { error: ARCHIVE_YEARS })
+      .default("forever"),
     /** Monthly restore verification: day of month and time. */
     verifyDay: z.number().int().min(1).max(28).default(1),
     verifyAt: z.string().regex(HHMM, 'must be a time like "08:00"').default("08:00"),

@@ -96,7 +96,8 @@ export function opsParams(config: ServerConfig, cacheSizeGb: number, secrets: { 
       weekly: config.snapshots.weekly,
       dailyHour: config.snapshots.dailyHour,
       weeklyDay: config.snapshots.weeklyDay,
-      sources: ["homes/*", "docker-volumes/*"],
+      // each user's home snapshots in a directory of their own (their workspace shows them at /snapshots)
+      sources: ["homes/{user}", "docker-volumes/*"],
     },
     backup: {
       repository: b.repository,
@@ -104,6 +105,7 @@ export function opsParams(config: ServerConfig, cacheSizeGb: number, secrets: { 
       uploadLimitMbit: b.uploadLimitMbit,
       keepDaily: b.keepDaily,
       keepWeekly: b.keepWeekly,
+      archiveKeepYears: b.archiveKeepYears === "forever" ? 0 : b.archiveKeepYears,
       verifySchedule: `*-*-${day(b.verifyDay)} ${b.verifyAt}:00`,
       scrubSchedule: `*-*-${day(b.scrubDay)} ${b.scrubAt}:00`,
     },

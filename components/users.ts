@@ -3,10 +3,12 @@
  * per-user qgroups, by host-scripts/users.sh. Removing a user from config archives their home (read-only
  * snapshot) and locks the account; nothing is deleted.
  */
+import * as path from "path";
 import * as pulumi from "@pulumi/pulumi";
 import type { ServerConfig, UserConfig } from "./config";
 import { SHARED_GID, SHARED_GROUP } from "./baseline";
 import { Host, HostScript } from "./host";
+import { homeSnapshotDir, RESTORE_SPOOL } from "./render/ops";
 
 export interface UserAccountsArgs {
   config: ServerConfig;
@@ -31,6 +33,9 @@ export function usersEnv(config: ServerConfig): Record<string, string> {
     TS_SHARED_GROUP: SHARED_GROUP,
     TS_SHARED_GID: String(SHARED_GID),
     TS_ALLOW_WIPE: config.rig ? "1" : "0",
+    // each user's own snapshot directory and restore spool (bind-mounted into their workspace only)
+    TS_HOME_SNAPSHOTS_DIR: path.posix.dirname(homeSnapshotDir(config.storage.mountpoint, "-")),
+    TS_RESTORE_SPOOL: RESTORE_SPOOL,
   };
 }
 

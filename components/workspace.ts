@@ -14,6 +14,7 @@ import type { ServerConfig, UserConfig } from "./config";
 import { WEEKDAYS } from "./config";
 import { Host, HostScript, sha256 } from "./host";
 import { SHARED_GID, SHARED_GROUP } from "./baseline";
+import { homeSnapshotDir, RESTORE_SPOOL } from "./render/ops";
 import { labelList, traefikLabels } from "./render/services";
 import { containerLifecycle } from "./services";
 import {
@@ -104,7 +105,8 @@ export function gpuRequests(user: UserConfig): docker.types.input.ContainerDevic
 }
 
 /** Bind mounts of a user's workspace (the image's contract): home, /workspace, the state dir (inner Docker data,
- * SSH host keys), the shared caches, and /shared (the Drive mount, propagated so a remount shows through). */
+ * SSH host keys), the shared caches, /shared (the Drive mount, propagated so a remount shows through), the user's own
+ * home snapshots at /snapshots (read-only) and restore spool (the `restore` command; users.sh makes both). */
 export function workspaceMounts(config: ServerConfig, user: UserConfig): docker.types.input.ContainerMount[] {
   const root = config.storage.mountpoint;
   return imageMounts({
@@ -114,6 +116,8 @@ export function workspaceMounts(config: ServerConfig, user: UserConfig): docker.
     state: `${root}/docker-volumes/${user.name}`,
     cacheRoot: `${root}/cache`,
     shared: `${root}/shared`,
+    snapshots: homeSnapshotDir(root, user.name),
+    restoreSpool: `${RESTORE_SPOOL}/${user.name}`,
   }).map((m) => ({
     type: "bind",
     source: m.source,

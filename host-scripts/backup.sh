@@ -4,15 +4,21 @@
 # Inputs: TS_MOUNTPOINT, TS_SNAPSHOT_SOURCES (space-separated, relative to the mountpoint, "*" allowed last, e.g.
 #   "homes/* docker-volumes/*"), TS_RESTIC_REPOSITORY, TS_RESTIC_PASSWORD_FILE, TS_RCLONE_CONFIG (root-only files),
 #   TS_BACKUP_LIMIT_UPLOAD_KIB (restic --limit-upload, KiB/s, 0 = unlimited), TS_BACKUP_KEEP_DAILY,
-#   TS_BACKUP_KEEP_WEEKLY, TS_STATE_DIR, TS_TEXTFILE_DIR.
+#   TS_BACKUP_KEEP_WEEKLY, TS_BACKUP_ARCHIVE_KEEP_YEARS (0 = forever), TS_STATE_DIR, TS_TEXTFILE_DIR.
 # The snapshot backed up stays at <mountpoint>/.snapshots/.backup until the next backup (a stable path, so restic
 # finds its parent snapshot and only reads changed files; verify-restore.sh compares restored files with it).
 # The first run initialises the repository, but only when it provably does not exist yet.
+# Archived homes (users.sh: <mountpoint>/snapshots/archive/<name>-<UTC>, read-only) are uploaded once each, with
+# their own tags `train-server-archive` and `user=<name>` and the archive's time: the daily `forget --tag
+# train-server` selects only snapshots tagged train-server, so it never sees them; they are forgotten only when
+# older than TS_BACKUP_ARCHIVE_KEEP_YEARS (0: never). Their tree is the home itself (backed up as `.`), so
+# `restic restore <id> --target <new home>` gives the home back.
 source "${BASH_SOURCE[0]%/*}/lib.sh"
 source "${BASH_SOURCE[0]%/*}/ops-lib.sh"
 action=$(ts_action "${1:-}")
 require_env TS_MOUNTPOINT TS_SNAPSHOT_SOURCES TS_BACKUP_LIMIT_UPLOAD_KIB TS_BACKUP_KEEP_DAILY TS_BACKUP_KEEP_WEEKLY \
-  TS_STATE_DIR TS_TEXTFILE_DIR
+  TS_BACKUP_ARCHIVE_KEEP_YEARS TS_STATE_DIR TS_TEXTFILE_DIR
+[[ $TS_BACKUP_ARCHIVE_KEEP_YEARS =~ ^[0-9]+$ ]] || die "TS_BACKUP_ARCHIVE_KEEP_YEARS must be a whole number of years (0 = forever)"
 ops_restic_env
 staging=$(ops_staging_dir)
 
@@ -43,10 +49,55 @@ sources() {
   shopt -u nullglob
 }
 
+ARCHIVE_TAG=train-server-archive
+# archives: the archive snapshots of removed users' homes (name<TAB>path), read-only subvolumes only
+archives() {
+  local sv base
+  shopt -s nullglob
+  for sv in "$TS_MOUNTPOINT"/snapshots/archive/*; do
+    base=${sv##*/}
+    [[ $base =~ ^([a-z_][a-z0-9_-]*)-[0-9]{8}T[0-9]{6}Z$ ]] || continue
+    [[ -d $sv && $(btrfs property get -ts "$sv" ro 2>/dev/null) == ro=true ]] || continue
+    printf '%s\t%s\n' "${BASH_REMATCH[1]}" "$sv"
+  done
+  shopt -u nullglob
+}
+
+# upload_archives: every archive not in the repository yet, tagged with its user, at the time it was archived
+upload_archives() {
+  local have name sv stamp n=0
+  have=$(restic snapshots --tag "$ARCHIVE_TAG" --json | jq -r '.[].paths[]')
+  while IFS=$'\t' read -r name sv; do
+    grep -qxF "$sv" <<<"$have" && continue
+    stamp=${sv##*-}
+    (cd "$sv" && restic backup --tag "$ARCHIVE_TAG" --tag "user=$name" \
+      --time "${stamp:0:4}-${stamp:4:2}-${stamp:6:2} ${stamp:9:2}:${stamp:11:2}:${stamp:13:2}" . >&2) \
+      || die "restic backup of the archive $sv failed"
+    changed "archive of $name ($sv) uploaded to restic"
+    n=$((n + 1))
+  done < <(archives)
+  result archives_uploaded "$n"
+}
+
+# expire_archives: forget archive snapshots older than TS_BACKUP_ARCHIVE_KEEP_YEARS (by their own time; never with 0)
+expire_archives() {
+  ((TS_BACKUP_ARCHIVE_KEEP_YEARS > 0)) || return 0
+  local cutoff id time old=()
+  cutoff=$(date -d "-$TS_BACKUP_ARCHIVE_KEEP_YEARS years" +%s)
+  while read -r id time; do
+    (($(date -d "$time" +%s) < cutoff)) && old+=("$id")
+  done < <(restic snapshots --tag "$ARCHIVE_TAG" --json | jq -r '.[] | "\(.id) \(.time)"')
+  if ((${#old[@]})); then
+    restic forget "${old[@]}" >&2
+    changed "forgot ${#old[@]} archive snapshot(s) older than $TS_BACKUP_ARCHIVE_KEEP_YEARS years"
+  fi
+}
+
 case $action in
   check)
     result repository "$(repository_state)"
     result sources "$(sources | wc -l)"
+    result archives "$(archives | wc -l)"
     ;;
   destroy)
     log "the repository and its snapshots are kept; nothing to do"
@@ -96,8 +147,12 @@ case $action in
     done
     result snapshot_id "$id"
 
+    upload_archives
+    expire_archives
+    # --tag train-server: only the daily backups (never the archives, tagged train-server-archive)
     restic forget --tag train-server --keep-daily "$TS_BACKUP_KEEP_DAILY" --keep-weekly "$TS_BACKUP_KEEP_WEEKLY" --prune >&2
     metric train_server_backup_snapshots "" "$(restic snapshots --tag train-server --json | jq length)"
+    metric train_server_backup_archives "" "$(restic snapshots --tag "$ARCHIVE_TAG" --json | jq length)"
     ;;
 esac
 finish

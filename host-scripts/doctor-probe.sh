@@ -143,8 +143,9 @@ ops_env() { priv cat "$TS_OPS_ENV" 2>/dev/null | sed -n "s/^$1=\"\(.*\)\"$/\1/p"
 
 probe_backups() {
   local snaps
-  # btrbk's snapshot groups under .snapshots/ (not .backup, .verify.*): count and newest creation (birth) time
-  priv find "$MP/.snapshots" -mindepth 2 -maxdepth 2 -type d -not -path "$MP/.snapshots/.*" -exec stat -c '%W %n' {} + 2>/dev/null |
+  # btrbk's snapshot groups under .snapshots/ (not .backup, .verify.*): count and newest creation (birth) time of the
+  # snapshots (subvolume roots: inode 256), in a group's dir or one level down (homes/<user>/)
+  priv find "$MP/.snapshots" -mindepth 2 -maxdepth 3 -not -path "$MP/.snapshots/.*" -type d -inum 256 -prune -exec stat -c '%W %n' {} + 2>/dev/null |
     awk -v root="$MP/.snapshots/" '{
         p = substr($0, index($0, " ") + 1 + length(root)); sub("/.*", "", p)
         n[p]++; if ($1 > t[p]) t[p] = $1

@@ -9,6 +9,9 @@
 #   TS_STATE_DIR     where the list of accounts this script manages is kept (default /var/lib/train-server/state)
 #   TS_SHARED_GROUP  group of the shared caches (default mlusers); TS_SHARED_GID its gid (default 2000)
 #   TS_ALLOW_WIPE    1 lets `destroy` delete the accounts (test rigs); homes are never deleted by this script
+#   TS_HOME_SNAPSHOTS_DIR  where btrbk keeps each user's home snapshots, one directory per user (default
+#                    $TS_MOUNTPOINT/.snapshots/homes; components/render/ops.ts homeSnapshotDir)
+#   TS_RESTORE_SPOOL the self-service restore's spool (default /var/lib/train-server/restore; restore-broker.sh)
 #
 # Per user: primary group <name> with gid=uid; account uid, shell /bin/bash, home $TS_MOUNTPOINT/homes/<name>
 # (a subvolume, created once, 750), password field '*' (no password can ever match: key-only login, and unlike
@@ -18,7 +21,12 @@
 # docker-volumes/<name> (750), $TS_MOUNTPOINT/shared/tensorboard/<name> (not chowned on a FUSE mount), and
 # a level-1 qgroup 1/<uid> holding the three subvolumes (per-user totals in `btrfs qgroup show`, no limit).
 # A user dropped from TS_USERS is archived: a read-only snapshot of the home in snapshots/archive/<name>-<UTC>,
-# account locked + expired + nologin, out of docker/sudo/shared group. Nothing is deleted; re-adding unlocks.
+# account locked + expired + nologin, out of docker/sudo/shared group, ~/.ssh/authorized_keys removed (the program
+# wrote it; the archive keeps it). Nothing else is deleted; re-adding unlocks and writes the keys again.
+# Each user's own snapshot directory <snapshots>/<name> (root:<name> 0750, under 0711 parents: reachable by path, never
+# listed) and restore spool <spool>/<name> (root:<name> 0750) with requests/ (root:<name> 0770, the user writes) and
+# results/ (root:<name> 0750, the broker writes): both are bind-mounted into that user's workspace, and no other user
+# can list or open them, neither on the host nor from their own workspace.
 # Accounts not in the state file are never changed; a name/uid clash with one is refused.
 # Results: user.<name>.uid / .qgroup / .quota_gb / .status, archive.<name>=<path>, changes=N; check also
 # drift.user.<name>.account / drift.user.<name>.authorized_keys = yes|no (the account or its keys differ from the config).
@@ -33,6 +41,8 @@ SHARED_GROUP=${TS_SHARED_GROUP:-mlusers}
 SHARED_GID=${TS_SHARED_GID:-2000}
 MP=${TS_MOUNTPOINT%/}
 NOLOGIN=$(command -v nologin || echo /usr/sbin/nologin)
+SNAPS=${TS_HOME_SNAPSHOTS_DIR:-$MP/.snapshots/homes}
+SPOOL=${TS_RESTORE_SPOOL:-/var/lib/train-server/restore}
 
 # ---- state: lines `name|uid|status` (status active|archived) --------------------------------------------------
 declare -A ST_UID=() ST_STATUS=()
@@ -232,6 +242,18 @@ ensure_tensorboard() { # NAME
   fi
 }
 
+ensure_own_dirs() { # NAME: the user's snapshot directory and restore spool (see the header)
+  local name=$1 parent
+  for parent in "$(dirname "$SNAPS")" "$SNAPS" "$SPOOL"; do
+    [[ ! -L $parent ]] || refuse "$parent is a symlink; remove it (train-server keeps a directory there)"
+    ensure_dir "$parent" 711 root:root
+  done
+  ensure_dir "$SNAPS/$name" 750 "root:$name"
+  ensure_dir "$SPOOL/$name" 750 "root:$name"
+  ensure_dir "$SPOOL/$name/requests" 770 "root:$name"
+  ensure_dir "$SPOOL/$name/results" 750 "root:$name"
+}
+
 activate() { # NAME
   local name=$1 uid=${U_UID[$1]}
   if [[ ${ST_STATUS[$name]:-} != active ]]; then
@@ -245,6 +267,7 @@ activate() { # NAME
   ensure_subvolume "$MP/workspaces/$name" 750 "$name:$name"
   ensure_subvolume "$MP/docker-volumes/$name" 750 "$name:$name"
   ensure_keys "$name"
+  ensure_own_dirs "$name"
   ensure_tensorboard "$name"
   ensure_qgroup "$name" "$uid"
   result "user.$name.uid" "$uid"
@@ -265,6 +288,13 @@ archive() { # NAME: snapshot the home once, lock the account; deletes nothing
   if [[ ${ST_STATUS[$name]} != archived ]]; then
     ST_STATUS[$name]=archived
     save_state
+  fi
+  # the keys the program wrote go (the archive snapshot keeps the file; re-adding the user writes them again);
+  # unlink never follows the last component, and a symlinked ~/.ssh is not entered
+  local keys=$home/.ssh/authorized_keys
+  if [[ -d $home/.ssh && ! -L $home/.ssh && ( -e $keys || -L $keys ) ]]; then
+    rm -f "$keys"
+    changed "removed the SSH keys of $name ($keys)"
   fi
   if getent passwd "$name" >/dev/null; then
     if [[ $(shadow_field "$name" 2) != '!'* ]]; then usermod -L "$name"; changed "locked $name"; fi

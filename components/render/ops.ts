@@ -46,6 +46,8 @@ export interface OpsParams {
     /**
      * Subvolumes to snapshot, relative to the mountpoint; "*" allowed in the last part (btrbk wildcard), e.g.
      * ["homes/*", "docker-volumes/*", "tensorboard/*"]. Each group's snapshots go to <mountpoint>/.snapshots/<group>.
+     * "{user}" as the last part ("homes/{user}") snapshots each user's subvolume into a directory of its own,
+     * <mountpoint>/.snapshots/<group>/<user>/ (what a user's workspace shows them, and nobody else's).
      */
     sources: string[];
   };
@@ -58,6 +60,8 @@ export interface OpsParams {
     uploadLimitMbit: number;
     keepDaily: number;
     keepWeekly: number;
+    /** Years the restic copies of archived homes are kept; 0 = forever (default). */
+    archiveKeepYears?: number;
     /** Restore verification schedule, e.g. "*-*-01 08:00:00" (1st of the month, 08:00). */
     verifySchedule: string;
     /** Scrub schedule, e.g. "*-*-15 03:00:00". */
@@ -121,6 +125,11 @@ export interface OpsParams {
   driftSchedule?: string;
   /** Root-only secret files' contents (the program passes secret values; files are written 0600). */
   secrets: { resticPassword: string; rcloneConfig: string };
+  /**
+   * Self-service restore from restic (host-scripts/restore-broker.sh, run every minute): `spool` (default
+   * RESTORE_SPOOL), `maxGb` (largest restore, default 100), `timeoutSeconds` (per request, default 7200).
+   */
+  restore?: { spool?: string; maxGb?: number; timeoutSeconds?: number };
   /** Where job scripts are installed. Default /usr/local/lib/train-server/ops. */
   scriptDir?: string;
   /** Where ops.env, btrbk.conf and the secret files go. Default /etc/train-server/ops. */
@@ -168,6 +177,8 @@ export const OPS_JOB_SCRIPTS = [
   "weekly-digest.sh",
   "weekly-digest.jq",
   "drift-check.sh",
+  "restic-admin.sh",
+  "restore-broker.sh",
 ] as const;
 export type OpsScripts = Record<(typeof OPS_JOB_SCRIPTS)[number], string>;
 
@@ -227,17 +238,47 @@ function check(re: RegExp, what: string, v: string, emptyOk = false): string {
   return v;
 }
 
-/** The snapshot groups: "homes/*" -> {group: "homes", subvolume: "homes/*"}. */
-export function snapshotGroups(sources: string[]): Array<{ group: string; subvolume: string; dir: string }> {
+const PER_USER = /\/\{user\}$/;
+
+/** The snapshot groups: "homes/*" -> {group: "homes", subvolume: "homes/*"}; "homes/{user}" -> the same, per user. */
+export function snapshotGroups(sources: string[]): Array<{ group: string; subvolume: string; dir: string; perUser: boolean }> {
   const seen = new Set<string>();
   return sources.map((s) => {
-    check(SAFE_REL, "snapshots.sources", s);
-    const group = s.replace(/\/\*$/, "").replace(/\*/g, "").replace(/\//g, "-");
+    const perUser = PER_USER.test(s);
+    check(SAFE_REL, "snapshots.sources", s.replace(PER_USER, "/*"));
+    const group = s.replace(PER_USER, "").replace(/\/\*$/, "").replace(/\*/g, "").replace(/\//g, "-");
     if (!group || seen.has(group)) throw new Error(`snapshots.sources: "${s}" is empty or duplicates another group`);
     if (s.includes("*") && !/\/\*$/.test(s)) throw new Error(`snapshots.sources: "*" only as the last part ("${s}")`);
     seen.add(group);
-    return { group, subvolume: s, dir: `.snapshots/${group}` };
+    return { group, subvolume: s, dir: `.snapshots/${group}`, perUser };
   });
+}
+
+/** Where btrbk puts one user's home snapshots, relative to the mountpoint (the "homes/{user}" source). */
+export const HOME_SNAPSHOTS_DIR = ".snapshots/homes";
+/** A user's home snapshots on the host: <mountpoint>/.snapshots/homes/<user>/<user>.<YYYYMMDDThhmm> (read-only). */
+export function homeSnapshotDir(mountpoint: string, user: string): string {
+  return `${mountpoint}/${HOME_SNAPSHOTS_DIR}/${user}`;
+}
+/**
+ * The self-service restore's spool: <spool>/<user>/requests (the user writes a request), <spool>/<user>/results (the
+ * broker answers); bind-mounted into that user's workspace only (components/render/workspace-image.ts).
+ */
+export const RESTORE_SPOOL = "/var/lib/train-server/restore";
+
+function positiveInt(what: string, v: number): number {
+  if (!Number.isInteger(v) || v < 1) throw new Error(`${what} must be a whole number >= 1 (got ${v})`);
+  return v;
+}
+
+function usersByUid(p: OpsParams): OpsUser[] {
+  for (const u of p.users) check(/^[a-z_][a-z0-9_-]*$/, "users.name", u.name);
+  return [...p.users].sort((a, b) => a.uid - b.uid);
+}
+
+function archiveKeepYears(y: number): number {
+  if (!Number.isInteger(y) || y < 0 || y > 100) throw new Error(`backup.archiveKeepYears must be 0 (forever) or 1..100 years (got ${y})`);
+  return y;
 }
 
 function hourOfDay(h: number): number {
@@ -261,7 +302,8 @@ export function renderBtrbkConf(p: OpsParams): string {
     `volume ${check(SAFE_ABS, "mountpoint", p.mountpoint)}`,
   ];
   for (const g of snapshotGroups(s.sources)) {
-    lines.push(`  subvolume ${g.subvolume}`, `    snapshot_dir ${g.dir}`);
+    if (!g.perUser) lines.push(`  subvolume ${g.subvolume}`, `    snapshot_dir ${g.dir}`);
+    else for (const u of usersByUid(p)) lines.push(`  subvolume ${g.subvolume.replace(PER_USER, `/${u.name}`)}`, `    snapshot_dir ${g.dir}/${u.name}`);
   }
   return lines.join("\n") + "\n";
 }
@@ -295,19 +337,25 @@ export function renderOpsEnv(p: OpsParams): string {
     TS_TEXTFILE_DIR: check(SAFE_ABS, "textfileDir", p.textfileDir),
     TS_STATE_DIR: check(SAFE_ABS, "stateDir", d.stateDir),
     TS_BTRBK_CONF: `${d.configDir}/btrbk.conf`,
-    TS_SNAPSHOT_SOURCES: groups.map((g) => g.subvolume).join(" "),
+    // backup.sh expands these itself: every home, removed users' too
+    TS_SNAPSHOT_SOURCES: groups.map((g) => g.subvolume.replace(PER_USER, "/*")).join(" "),
     TS_RESTIC_REPOSITORY: check(SAFE_WORD, "backup.repository", p.backup.repository),
     TS_RESTIC_PASSWORD_FILE: `${d.configDir}/restic-password`,
     TS_RCLONE_CONFIG: `${d.configDir}/rclone.conf`,
     TS_BACKUP_LIMIT_UPLOAD_KIB: String(mbitToKiBps(p.backup.uploadLimitMbit)),
     TS_BACKUP_KEEP_DAILY: String(p.backup.keepDaily),
     TS_BACKUP_KEEP_WEEKLY: String(p.backup.keepWeekly),
+    TS_BACKUP_ARCHIVE_KEEP_YEARS: String(archiveKeepYears(p.backup.archiveKeepYears ?? 0)),
     TS_VERIFY_SAMPLE_FILES: String(p.backup.verifySampleFiles ?? 50),
     TS_VERIFY_READ_DATA_SUBSET: check(/^[0-9.]+%?$|^\d+\/\d+$|^\d+[kKmMgGtT]?$/, "verifyReadDataSubset", p.backup.verifyReadDataSubset ?? "5%"),
     TS_USERS: p.users.map((u) => `${u.name}:${Math.round(u.quotaGb * 1024 ** 3)}`).join(" "),
     TS_USAGE_DIRS: d.usageDirs.join(" "),
     TS_DRIVE_MOUNTPOINT: check(SAFE_ABS, "drive.mountpoint", p.drive.mountpoint),
     TS_QUOTA_WARN_PERCENT: String(p.quotaWarnPercent),
+    TS_RESTORE_SPOOL: check(SAFE_ABS, "restore.spool", p.restore?.spool ?? RESTORE_SPOOL),
+    TS_RESTORE_USERS: usersByUid(p).map((u) => `${u.name}:${u.uid}`).join(" "),
+    TS_RESTORE_MAX_MB: String(positiveInt("restore.maxGb", p.restore?.maxGb ?? 100) * 1024),
+    TS_RESTORE_TIMEOUT_S: String(positiveInt("restore.timeoutSeconds", p.restore?.timeoutSeconds ?? 7200)),
     TS_TELEGRAM_CHAT_ID: check(/^-?\d+$/, "alerts.telegramChatId", String(p.alerts.telegramChatId)),
     TS_TELEGRAM_API_URL: check(URL_RE, "alerts.telegramApiUrl", p.alerts.telegramApiUrl ?? "https://api.telegram.org"),
     TS_TELEGRAM_BOT_TOKEN_FILE: `${d.configDir}/telegram-bot-token`,
@@ -440,6 +488,7 @@ export const OPS_UNITS = {
   gpuWatchdog: "ts-gpu-watchdog",
   digest: "ts-weekly-digest",
   drift: "ts-drift-check",
+  restore: "ts-restore",
   drive: "ts-drive-mount.service",
 } as const;
 
@@ -495,6 +544,11 @@ export function renderOperations(p: OpsParams, scripts: OpsScripts): Record<stri
   job(OPS_UNITS.drift, "drift-check.sh", "drift check of the host steps (check mode, changes nothing)", toOnCalendar(p.driftSchedule ?? "05:30"), {
     service: ["TimeoutStartSec=2h"],
   });
+  // users' restore requests from restic, every minute (a constant unit: adding a user changes only ops.env)
+  job(OPS_UNITS.restore, "restore-broker.sh", "self-service restore requests (restic)", "minutely", {
+    unit: [...onArray.unit, "After=network-online.target"],
+    service: ["TimeoutStartSec=3h"],
+  });
   put(`${d.unitDir}/${OPS_UNITS.drive}`, renderDriveMountUnit(p));
 
   const alertParams: AlertParams = {
@@ -513,7 +567,7 @@ export function renderOperations(p: OpsParams, scripts: OpsScripts): Record<stri
 
 /** Timers ops-install.sh enables (and the mount service), in the order it starts them. */
 export function opsEnabledUnits(p: Pick<OpsParams, "dataSync" | "gpuLedger" | "gpuWatchdog">): string[] {
-  const timers: string[] = [OPS_UNITS.snapshot, OPS_UNITS.backup, OPS_UNITS.verify, OPS_UNITS.scrub, OPS_UNITS.usage, OPS_UNITS.drift];
+  const timers: string[] = [OPS_UNITS.snapshot, OPS_UNITS.backup, OPS_UNITS.verify, OPS_UNITS.scrub, OPS_UNITS.usage, OPS_UNITS.drift, OPS_UNITS.restore];
   if (p.dataSync) timers.push(OPS_UNITS.dataSync);
   if (p.gpuLedger) timers.push(OPS_UNITS.gpuLedger);
   if (p.gpuWatchdog) timers.push(OPS_UNITS.gpuWatchdog);

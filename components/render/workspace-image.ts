@@ -90,6 +90,18 @@ export const WORKSPACE_SCRATCH_DIR = "/workspace";
 /** The team's shared drive (host: the rclone mount / shared subvolume), read-write. */
 export const WORKSPACE_SHARED_DIR = "/shared";
 
+/**
+ * The user's own home snapshots (host: <array>/.snapshots/homes/<user>, btrbk's hourly/daily/weekly read-only
+ * snapshots `<user>.<YYYYMMDDThhmm>`), read-only. A bind mount of that one directory: new snapshots are new entries in
+ * it (subvolumes are not mounts), so they appear without a restart, and no other user's snapshots are in it.
+ */
+export const WORKSPACE_SNAPSHOTS_DIR = "/snapshots";
+/**
+ * The user's own restore spool (host: RESTORE_SPOOL/<user>): `requests/` (the `restore` command writes a request),
+ * `results/` (the host's broker answers). Read-write; the restic secrets never enter the workspace.
+ */
+export const WORKSPACE_RESTORE_SPOOL = "/run/train-server-restore";
+
 /** Shared download caches: host `<array>/cache/<name>` (group mlusers, setgid + default ACL) → `/cache/<name>`. */
 export const WORKSPACE_CACHE_MOUNTS = ["pip", "conda", "huggingface", "torch", "go", "npm"] as const;
 export type WorkspaceCache = (typeof WORKSPACE_CACHE_MOUNTS)[number];
@@ -148,6 +160,10 @@ export interface WorkspaceMountParams {
   passwordFile?: string;
   /** The shared drive, e.g. /shared; omitted: not mounted. */
   shared?: string;
+  /** The user's home snapshot directory, e.g. /mnt/storage/.snapshots/homes/alice; omitted: not mounted. */
+  snapshots?: string;
+  /** The user's restore spool, e.g. /var/lib/train-server/restore/alice; omitted: not mounted. */
+  restoreSpool?: string;
 }
 
 const USER_NAME = /^[a-z_][a-z0-9_-]{0,31}$/;
@@ -166,6 +182,12 @@ export function workspaceMounts(p: WorkspaceMountParams): WorkspaceMount[] {
     ...WORKSPACE_CACHE_MOUNTS.map((c) => ({ source: path.posix.join(p.cacheRoot, c), target: `/cache/${c}`, readOnly: false })),
   ];
   if (p.shared !== undefined) mounts.push({ source: p.shared, target: WORKSPACE_SHARED_DIR, readOnly: false });
+  for (const [k, v] of [["snapshots", p.snapshots], ["restoreSpool", p.restoreSpool]] as const) {
+    // the last path component must be this user's: a mapping to another user's directory would show their data
+    if (v !== undefined && path.posix.basename(v) !== p.user) throw new Error(`workspaceMounts: ${k} "${v}" is not ${p.user}'s own directory`);
+  }
+  if (p.snapshots !== undefined) mounts.push({ source: p.snapshots, target: WORKSPACE_SNAPSHOTS_DIR, readOnly: true });
+  if (p.restoreSpool !== undefined) mounts.push({ source: p.restoreSpool, target: WORKSPACE_RESTORE_SPOOL, readOnly: false });
   return mounts;
 }
 

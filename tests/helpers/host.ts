@@ -151,5 +151,6 @@ export function usersEnv(p: { mp: string; stateDir: string; shared: { group: str
     TS_STATE_DIR: p.stateDir,
     TS_SHARED_GROUP: p.shared.group,
     TS_SHARED_GID: String(p.shared.gid),
+    TS_RESTORE_SPOOL: path.join(path.dirname(p.stateDir), "restore"),
   };
 }

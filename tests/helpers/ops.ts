@@ -13,7 +13,7 @@ export function exampleOpsParams(over: Partial<OpsParams> = {}): OpsParams {
       { name: "bob", uid: 2002, quotaGb: 1000 },
     ],
     quotaWarnPercent: 80,
-    snapshots: { hourly: 24, daily: 7, weekly: 4, dailyHour: 2, weeklyDay: "sunday", sources: ["homes/*", "docker-volumes/*"] },
+    snapshots: { hourly: 24, daily: 7, weekly: 4, dailyHour: 2, weeklyDay: "sunday", sources: ["homes/{user}", "docker-volumes/*"] },
     backup: {
       repository: "rclone:gdrive:train-server/restic",
       schedule: "06:00",
@@ -80,4 +80,30 @@ export function expand(tmpl: string, labels: Record<string, string>, value: numb
     .replace(/\{\{ \$value \| humanizeDuration \}\}/g, () => dur(value))
     .replace(/\{\{ \$value \| humanize \}\}/g, () => g(value))
     .replace(/\{\{ \$value \}\}/g, () => String(value));
+}
+
+/**
+ * backup.sh's inputs for a test: root-only secret files under `dir`/secrets (the password; an rclone config whose
+ * remote `backupdisk` is the local disk) and an `rclone:` repository under `dir`/drive, the array at `mountpoint`,
+ * no upload limit, retention 7 daily / 52 weekly, archives forever; `over` replaces any of them.
+ */
+export function backupTestEnv(dir: string, mountpoint: string, password: string, over: Record<string, string> = {}): Record<string, string> {
+  const secrets = path.join(dir, "secrets");
+  fs.mkdirSync(secrets, { mode: 0o700 });
+  fs.writeFileSync(path.join(secrets, "restic-password"), `${password}\n`, { mode: 0o600 });
+  fs.writeFileSync(path.join(secrets, "rclone.conf"), "[backupdisk]\ntype = local\n", { mode: 0o600 });
+  return {
+    TS_MOUNTPOINT: mountpoint,
+    TS_SNAPSHOT_SOURCES: "homes/* docker-volumes/*",
+    TS_RESTIC_REPOSITORY: `rclone:backupdisk:${path.join(dir, "drive", "restic")}`,
+    TS_RESTIC_PASSWORD_FILE: path.join(secrets, "restic-password"),
+    TS_RCLONE_CONFIG: path.join(secrets, "rclone.conf"),
+    TS_BACKUP_LIMIT_UPLOAD_KIB: "0",
+    TS_BACKUP_KEEP_DAILY: "7",
+    TS_BACKUP_KEEP_WEEKLY: "52",
+    TS_BACKUP_ARCHIVE_KEEP_YEARS: "0",
+    TS_STATE_DIR: path.join(dir, "ops-state"),
+    TS_TEXTFILE_DIR: path.join(dir, "textfile"),
+    ...over,
+  };
 }

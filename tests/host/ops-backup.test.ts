@@ -48,6 +48,7 @@ beforeAll(() => {
     TS_BACKUP_LIMIT_UPLOAD_KIB: String(LIMIT_KIB),
     TS_BACKUP_KEEP_DAILY: "7",
     TS_BACKUP_KEEP_WEEKLY: "52",
+    TS_BACKUP_ARCHIVE_KEEP_YEARS: "0",
     TS_STATE_DIR: path.join(scratch.dir, "state"),
     TS_TEXTFILE_DIR: path.join(scratch.dir, "textfile"),
     TS_VERIFY_SAMPLE_FILES: "25",

@@ -3,7 +3,8 @@
  * a month of backdated hourly snapshots, then 30 hourly runs across a day and a week boundary. After every run the
  * snapshots left are exactly the newest 24 hourly + 7 daily (02:00) + 4 weekly (Sunday), the newest of each class
  * is kept, and subvolumes btrbk did not create (an admin's manual snapshot, another user's old snapshots) are
- * untouched.
+ * untouched. The history starts in the old shared layout (.snapshots/homes/alice.<stamp>): the first run moves it into
+ * alice's own directory (.snapshots/homes/alice/), and bob, listed but without a home yet, is skipped, not an error.
  */
 import * as fs from "fs";
 import * as path from "path";
@@ -48,7 +49,7 @@ beforeAll(() => {
 afterAll(() => scratch.cleanup());
 
 const listSnaps = (group: string, prefix: string) =>
-  fs.readdirSync(path.join(mnt, ".snapshots", group)).filter((n) => n.startsWith(`${prefix}.`)).map((n) => n.slice(prefix.length + 1)).filter((s) => /^\d{8}T\d{4}$/.test(s)).sort();
+  fs.readdirSync(path.join(mnt, ".snapshots", group, group === "homes" ? prefix : "")).filter((n) => n.startsWith(`${prefix}.`)).map((n) => n.slice(prefix.length + 1)).filter((s) => /^\d{8}T\d{4}$/.test(s)).sort();
 
 it("keeps exactly 24 hourly / 7 daily / 4 weekly under a simulated clock, and nothing it did not create is touched", () => {
   const start = Date.UTC(2026, 11, 5, 20); // Saturday 2026-12-05 20:00 UTC; 30 runs cross Sunday 02:00
@@ -62,13 +63,18 @@ it("keeps exactly 24 hourly / 7 daily / 4 weekly under a simulated clock, and no
     btrfs subvolume snapshot -r ${mnt}/homes/alice alice.before-migration >/dev/null
     btrfs subvolume create bob.20261101T0000 >/dev/null`);
   expect(r.stderr).toBe("");
-  expect(listSnaps("homes", "alice")).toHaveLength(720);
+  expect(fs.readdirSync(homesDir).filter((n) => /^alice\.\d{8}T\d{4}$/.test(n))).toHaveLength(720); // the old layout
 
   const madeDocker: number[] = [];
   for (let i = 0; i < 30; i++) {
     const now = start + i * HOUR;
     const run = runScript("snapshot", "apply", { ...env, LD_PRELOAD: LIBFAKETIME, FAKETIME: `@${new Date(now).toISOString().slice(0, 19).replace("T", " ")}` });
     expect([i, run.status, run.stderr.includes("ERROR")]).toEqual([i, 0, false]);
+    if (i === 0) {
+      expect(run.stderr).toMatch(/moved alice\.\d{8}T\d{4} into \.snapshots\/homes\/alice\//);
+      expect(run.stderr).toMatch(/skipped homes\/bob/); // listed, no home yet
+      expect(fs.readdirSync(homesDir).sort()).toEqual(["alice", "alice.before-migration", "bob", "bob.20261101T0000"]);
+    }
     history.push(now);
     madeDocker.push(now);
     // exactly the model's set, after every run
@@ -90,9 +96,11 @@ it("keeps exactly 24 hourly / 7 daily / 4 weekly under a simulated clock, and no
   expect(final).toHaveLength(24 + 6 + 3);
   expect(final[0]).toBe("20261115T0200"); // nothing older survived
   // Read-only, and the foreign subvolumes survived.
-  expect(sh("btrfs", ["property", "get", "-ts", path.join(homesDir, `alice.${stamp(now)}`), "ro"]).trim()).toBe("ro=true");
+  expect(sh("btrfs", ["property", "get", "-ts", path.join(homesDir, "alice", `alice.${stamp(now)}`), "ro"]).trim()).toBe("ro=true");
   expect(fs.existsSync(path.join(homesDir, "alice.before-migration"))).toBe(true);
   expect(fs.existsSync(path.join(homesDir, "bob.20261101T0000"))).toBe(true);
+  // the migrated history is read-only again (btrbk's retention deleted the old ones among it, as above)
+  expect(sh("btrfs", ["property", "get", "-ts", path.join(homesDir, "alice", `alice.${final[0]}`), "ro"]).trim()).toBe("ro=true");
   // outcome metric
   const prom = fs.readFileSync(path.join(env.TS_TEXTFILE_DIR, "train_server_snapshot.prom"), "utf8");
   expect(prom).toMatch(/^train_server_task_success\{task="snapshot"\} 1$/m);

@@ -39,7 +39,7 @@ describe("systemd units", () => {
     const units = fs.readdirSync(unitDir).map((u) => path.join(unitDir, u));
     expect(units.map((u) => path.basename(u)).sort()).toEqual([
       "ts-backup.service", "ts-backup.timer", "ts-data-sync.service", "ts-data-sync.timer", "ts-drift-check.service", "ts-drift-check.timer", "ts-drive-mount.service",
-      "ts-scrub.service", "ts-scrub.timer", "ts-snapshot.service", "ts-snapshot.timer", "ts-usage-collector.service",
+      "ts-restore.service", "ts-restore.timer", "ts-scrub.service", "ts-scrub.timer", "ts-snapshot.service", "ts-snapshot.timer", "ts-usage-collector.service",
       "ts-usage-collector.timer", "ts-verify-restore.service", "ts-verify-restore.timer", "ts-weekly-digest.service", "ts-weekly-digest.timer",
     ]);
     const r = run("systemd-analyze", ["verify", ...units]);
@@ -59,7 +59,7 @@ describe("systemd units", () => {
     const cals = Object.entries(files)
       .filter(([p]) => p.endsWith(".timer"))
       .map(([p, f]) => [path.basename(p), /^OnCalendar=(.*)$/m.exec(f.content)![1]] as const);
-    expect(cals.length).toBe(8);
+    expect(cals.length).toBe(9);
     for (const [, cal] of cals) expect(run("systemd-analyze", ["calendar", cal]).status).toBe(0);
     const normalized = (cal: string) => /Normalized form: (.*)/.exec(sh("systemd-analyze", ["calendar", cal]))![1].trim();
     const byTimer = Object.fromEntries(cals);
@@ -69,6 +69,7 @@ describe("systemd units", () => {
     expect(normalized(byTimer["ts-snapshot.timer"])).toBe("*-*-* *:00:00");
     expect(normalized(byTimer["ts-weekly-digest.timer"])).toBe("Mon *-*-* 09:00:00");
     expect(normalized(byTimer["ts-drift-check.timer"])).toBe("*-*-* 05:30:00");
+    expect(normalized(byTimer["ts-restore.timer"])).toBe("*-*-* *:*:00"); // users' restore requests, every minute
     expect(run("systemd-analyze", ["calendar", "*-*-32 06:00"]).status).not.toBe(0); // control
   });
 });

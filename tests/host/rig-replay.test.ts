@@ -189,7 +189,17 @@ describe("RIG REPLAY: the rig stack's remote commands against a booted systemd c
     expect(sudo("cat /srv/rig-drive/gcs-mirror/train.csv")).toBe("dataset\n");
     // users.sh ran after the Drive was mounted: the TensorBoard log dirs are on the Drive itself
     expect(sudo("ls /srv/rig-drive/tensorboard").split("\n").filter(Boolean).sort()).toEqual(["alice", "bob"]);
-    expect(sudo(`ls ${MP}/.snapshots/homes`)).toMatch(/^alice\.\d{8}T\d{4}/m);
+    // each user's snapshots in a directory of their own (what their workspace mounts at /snapshots)
+    expect(sudo(`ls ${MP}/.snapshots/homes/alice`)).toMatch(/^alice\.\d{8}T\d{4}/m);
+    expect(sudo(`stat -c '%a %U:%G' ${MP}/.snapshots/homes ${MP}/.snapshots/homes/alice`)).toBe("711 root:root\n750 root:alice\n");
+    // self-service restore through the installed broker (ts-restore.service under the rig's systemd): alice asks as
+    // herself through her spool bind-mounted as in her workspace (on the host /var/lib/train-server is root's), the
+    // host answers from restic into her home
+    expect(rig.ssh("sudo -n runuser -u alice -- ls /var/lib/train-server/restore/alice").stderr).toMatch(/Permission denied/);
+    sudo(`rm ${MP}/homes/alice/notes.txt && mkdir -p /run/ws-alice && unshare -m sh -c "mount --bind /var/lib/train-server/restore/alice /run/ws-alice && runuser -u alice -- sh -c \\"printf 'action=restore\\\\npath=notes.txt\\\\nfrom=latest\\\\n' >/run/ws-alice/requests/rig1.req\\""`);
+    expect(rig.ssh("sudo -n systemctl start ts-restore.service").status).toBe(0);
+    expect(sudo("cat /var/lib/train-server/restore/alice/results/rig1.result")).toMatch(/^status=ok\nmessage=restored notes.txt from the backup of .* into ~\/restored\/\d{8}T\d{4}\/notes.txt\n/);
+    expect(sudo(`cat ${MP}/homes/alice/restored/*/notes.txt`)).toBe("some work\n");
   });
 
   test("second up: nothing changed, so nothing re-runs; every apply forced once more reports changes=0", async () => {
@@ -209,7 +219,8 @@ describe("RIG REPLAY: the rig stack's remote commands against a booted systemd c
 
   test("a user added and removed: only the users and ops steps (and the user's own guard) run, no unit restarts, no mount moves; the new user logs in; removal archives", async () => {
     // what another user's work depends on: every unit's invocation, every mount (its id changes on a remount)
-    const invocations = () => sudo("systemctl list-units --all --plain --no-legend --type=service,mount,socket,timer | awk '{print $1}' | sort | xargs systemctl show -p Id -p InvocationID -p NRestarts --");
+    // (ts-restore.service is the restore broker's oneshot, started by its timer every minute: not a restart)
+    const invocations = () => sudo("systemctl list-units --all --plain --no-legend --type=service,mount,socket,timer | awk '{print $1}' | grep -vx ts-restore.service | sort | xargs systemctl show -p Id -p InvocationID -p NRestarts --");
     const mounts = () => sudo("awk '{print $1, $5, $9}' /proc/self/mountinfo | sort");
     const before = { units: invocations(), mounts: mounts() };
     const keyFile = `${scratch.dir}/frank`;

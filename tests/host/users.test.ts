@@ -140,8 +140,11 @@ describe("users.sh", () => {
     expect(shadow(B.name)[7]).toBe("1");
     expect(passwd(B.name)[6]).toMatch(/nologin$/);
     expect(groupsOf(B.name)).toEqual([B.name]);
-    // nothing deleted
-    expect(checksumTree(home)).toEqual(sums);
+    // the SSH keys are gone from the live home (the archive keeps them); nothing else is deleted
+    expect(fs.existsSync(path.join(home, ".ssh/authorized_keys"))).toBe(false);
+    expect(fs.readFileSync(path.join(snap, ".ssh/authorized_keys"), "utf8")).toBe(`${KEY3}\n`);
+    const { [".ssh/authorized_keys"]: _keys, ...rest } = sums;
+    expect(checksumTree(home)).toEqual(rest);
     expect(fs.existsSync(path.join(mp, "workspaces", B.name))).toBe(true);
 
     const again = runScript("users", "apply", env([rec(A, 0, `${KEY2}\n`)]));
@@ -159,6 +162,7 @@ describe("users.sh", () => {
     expect(groupsOf(B.name)).toEqual([B.name, "docker", SHARED.group].sort());
     expect(archives(B.name)).toHaveLength(1);
     expect(fs.readFileSync(path.join(mp, "homes", B.name, "project/train.py"), "utf8")).toBe("print('hello')\n");
+    expect(fs.readFileSync(path.join(mp, "homes", B.name, ".ssh/authorized_keys"), "utf8")).toBe(`${KEY3}\n`);
   });
 
   test.each([

@@ -5,7 +5,8 @@
  * port published on the host). Proves: the uid/gid inside, the home byte-for-byte untouched (also across a restart
  * and a replacement), a real SSH key login through the published port with the cache env, sudo with the password
  * from the file, Docker-in-Docker usable by the user, supervisord programs RUNNING, limits read back, the password
- * in no env/log/process environment, refusals before anything is written, and the host network left as it was.
+ * in no env/log/process environment, refusals before anything is written, the `restore` command on the user's own
+ * read-only snapshots, and the host network left as it was.
  *
  * The built core image is cached under /var/cache/train-server-test keyed by workspaceImageHash + the base rootfs
  * key: it is rebuilt whenever any file of images/workspace changes (TS_WORKSPACE_REBUILD=1 forces a build).
@@ -106,6 +107,8 @@ describe("workspace image (core target) in a private dockerd", () => {
   let homeBefore: Record<string, string>;
   let runArgs: string[];
   let hostKey: string;
+  let snaps: string;
+  let spool: string;
 
   const exec = (args: string[], input?: string) => d.docker(["exec", ...(input !== undefined ? ["-i"] : []), NAME, ...args], { input });
   const ssh = (cmd: string, input?: string) =>
@@ -193,6 +196,18 @@ describe("workspace image (core target) in a private dockerd", () => {
     const old = new Date("2024-01-02T03:04:05Z");
     fs.utimesSync(path.join(home, "projects", "model.bin"), old, old);
     homeBefore = snapshotTree(home);
+    // the user's own snapshot dir and restore spool, as users.sh and btrbk leave them (one read-only snapshot)
+    snaps = path.join(data, ".snapshots", "homes", USER);
+    fs.mkdirSync(snaps, { recursive: true });
+    sh("btrfs", ["-q", "subvolume", "snapshot", "-r", home, path.join(snaps, `${USER}.20261201T1000`)]);
+    spool = path.join(scratch.dir, "restore", USER);
+    for (const [dir, mode] of [[spool, 0o750], [path.join(spool, "requests"), 0o770], [path.join(spool, "results"), 0o750]] as const) {
+      fs.mkdirSync(dir, { recursive: true });
+      fs.chownSync(dir, 0, UID);
+      fs.chmodSync(dir, mode);
+    }
+    fs.chownSync(snaps, 0, UID);
+    fs.chmodSync(snaps, 0o750);
 
     password = `pw-${crypto.randomBytes(12).toString("base64url")}:x"y\\z`;
     pwFile = path.join(scratch.dir, "alice.password");
@@ -206,6 +221,8 @@ describe("workspace image (core target) in a private dockerd", () => {
       state: path.join(data, "docker-volumes", USER),
       cacheRoot: path.join(data, "cache"),
       passwordFile: pwFile,
+      snapshots: snaps,
+      restoreSpool: spool,
     });
     runArgs = [
       "--name", NAME, "--hostname", NAME, ...PRIVILEGED,
@@ -464,6 +481,25 @@ describe("workspace image (core target) in a private dockerd", () => {
     test("the home is still untouched after all of it", () => {
       expect(snapshotTree(home)).toEqual(homeBefore);
     });
+  });
+
+  test("restore in the workspace (an SSH session as the user): only their snapshots, read-only, a file back from one; requests reach the host's spool", () => {
+    expect(ssh("ls -a /snapshots").stdout).toBe(`.\n..\n${USER}.20261201T1000\n`);
+    expect(ssh("restore --list").stdout).toBe("20261201T1000  2026-12-01 10:00\n");
+    const w = ssh(`touch /snapshots/x /snapshots/${USER}.20261201T1000/x`);
+    expect([w.status, w.stderr]).toEqual([1, expect.stringMatching(/Read-only file system[\s\S]*Read-only file system/)]);
+    const r = ssh("restore projects/secret-notes.txt --from 20261201T1000");
+    expect(r.stderr).toBe("");
+    expect(r.stdout).toBe("restored projects/secret-notes.txt from snapshot 2026-12-01 10:00 into ~/restored/20261201T1000/projects/secret-notes.txt\n");
+    expect(fs.readFileSync(path.join(home, "restored/20261201T1000/projects/secret-notes.txt"), "utf8")).toBe("private\n");
+    expect(sh("stat", ["-c", "%u %a", path.join(home, "restored/20261201T1000/projects/secret-notes.txt")]).trim()).toBe(`${UID} 600`);
+    // an older date goes to the host: the request lands in the host's spool (no broker here: no answer, exit 4)
+    const b = ssh("restore --backups --wait 0");
+    expect([b.status, b.stderr]).toEqual([4, expect.stringMatching(/no answer yet from the host/)]);
+    const reqs = fs.readdirSync(path.join(spool, "requests"));
+    expect(reqs).toHaveLength(1);
+    expect(fs.readFileSync(path.join(spool, "requests", reqs[0]), "utf8")).toBe("action=list\n");
+    expect(fs.statSync(path.join(spool, "requests", reqs[0])).uid).toBe(UID);
   });
 
   test("cleanup removes dockerd, containers, mounts, the bridge and cgroups, and leaves the host network as it was", () => {

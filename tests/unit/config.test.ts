@@ -47,6 +47,8 @@ const BAD: Case[] = [
   ["cpus more than the cpuset holds", (c) => (c.users[0].cpus = 8), "users[0].cpus", /cannot fit in cpuset/],
   ["GPU index beyond the host's GPUs", (c) => (c.users[0].gpus = [1]), "users[0].gpus", /GPU 1 does not exist/],
   ["GPUs named on a host without GPUs", (c) => { c.host.gpu.count = 0; c.users[0].gpus = [0]; }, "users[0].gpus", /host\.gpu\.count is 0/],
+  ["archive retention as a word", (c) => (c.backup.archiveKeepYears = "never"), "backup.archiveKeepYears", /"forever" or a whole number of years/],
+  ["archive retention of 0 years", (c) => (c.backup.archiveKeepYears = 0), "backup.archiveKeepYears", /"forever" or a whole number of years/],
   ["raid10 over 3 devices", (c) => (c.storage.devices = ["/dev/sda", "/dev/sdb", "/dev/sdc"]), "storage.dataProfile", /raid10 needs at least 4 devices/],
   ["raid1c3 over 2 devices", (c) => Object.assign(c.storage, { devices: ["/dev/sda", "/dev/sdb"], dataProfile: "raid1c3", metadataProfile: "raid1c3" }), "storage.dataProfile", /raid1c3 needs at least 3/],
   ["raid6 over 3 devices", (c) => Object.assign(c.storage, { devices: ["/dev/sda", "/dev/sdb", "/dev/sdc"], dataProfile: "raid6", metadataProfile: "raid1c3" }), "storage.dataProfile", /raid6 needs at least 4/],
@@ -237,6 +239,7 @@ describe("config: defaults live in the schema", () => {
   test("backup and snapshot defaults: 06:00, 100 Mbit/s, 7 daily / 52 weekly, snapshots 24/7/4", () => {
     expect(minimal.backup).toMatchObject({ schedule: "06:00", uploadLimitMbit: 100, keepDaily: 7, keepWeekly: 52 });
     expect(minimal.snapshots).toMatchObject({ hourly: 24, daily: 7, weekly: 4 });
+    expect(minimal.backup.archiveKeepYears).toBe("forever");
   });
   test("storage defaults: /mnt/storage, label, and metadata profile derived from the data profile", () => {
     expect(minimal.storage).toMatchObject({ mountpoint: "/mnt/storage", label: "train-storage", metadataProfile: "raid1" });

@@ -244,7 +244,7 @@ describe("blast radius of a user change", () => {
     expect(d.added).toEqual(expect.arrayContaining(["docker:index/container:Container::server-ws-frank-container"]));
   });
 
-  test("what the ops step rewrites on a user change is only ops.env (the usage collector's list): no unit, no mount, no rules", () => {
+  test("what the ops step rewrites on a user change is only ops.env (the users lists) and btrbk.conf (their own snapshot dir): no unit, no mount, no rules", () => {
     const { parseConfig } = require("../../components/config");
     const { opsParams } = require("../../components/operations");
     const { loadOpsScripts, renderOperations } = require("../../components/render/ops");
@@ -255,7 +255,34 @@ describe("blast radius of a user change", () => {
     const a = files(stackRaw("prod"));
     const b = files(raw);
     expect(Object.keys(b).sort()).toEqual(Object.keys(a).sort());
-    expect(Object.keys(a).filter((k) => JSON.stringify(a[k]) !== JSON.stringify(b[k]))).toEqual(["/etc/train-server/ops/ops.env"]);
+    expect(Object.keys(a).filter((k) => JSON.stringify(a[k]) !== JSON.stringify(b[k])).sort()).toEqual(["/etc/train-server/ops/btrbk.conf", "/etc/train-server/ops/ops.env"]);
+    // btrbk.conf only gains frank's pair; the other users' lines stay as they were
+    const conf = (f: any) => f["/etc/train-server/ops/btrbk.conf"].content.split("\n");
+    expect(conf(b).filter((l: string) => !conf(a).includes(l))).toEqual(["  subvolume homes/frank", "    snapshot_dir .snapshots/homes/frank"]);
+    expect(conf(a).filter((l: string) => !conf(b).includes(l))).toEqual([]);
+  });
+
+  test("offboarding in one up: the removed user's routes, Access entries, DNS records, container and SSH keys all go", async () => {
+    const before = (await runProgram(stackRaw("prod"))).resources;
+    const raw = clone(stackRaw("prod"));
+    const charlie = raw.users.splice(2, 1)[0];
+    const after = (await runProgram(raw)).resources;
+    const keyBody = charlie.sshKeys[0].split(" ")[1];
+    const keysB64 = Buffer.from(charlie.sshKeys.join("\n") + "\n").toString("base64");
+    // what mentions charlie (name, address, key, or the users step's base64 key record) before and after
+    const mentions = (rs: Registered[]) =>
+      rs.filter((r) => [r.name, JSON.stringify(r.inputs)].some((t) => /charlie/.test(t) || t.includes(keyBody) || t.includes(keysB64))).map((r) => `${r.type}::${r.name}`);
+    expect(mentions(before)).toEqual(
+      expect.arrayContaining([
+        "cloudflare:index/zeroTrustAccessApplication:ZeroTrustAccessApplication::server-edge-app-charlie-code",
+        "cloudflare:index/zeroTrustAccessPolicy:ZeroTrustAccessPolicy::server-edge-policy-user-charlie",
+        "cloudflare:index/dnsRecord:DnsRecord::server-edge-dns-charlie-jupyter",
+        "cloudflare:index/zeroTrustTunnelCloudflaredConfig:ZeroTrustTunnelCloudflaredConfig::server-edge-tunnel-config",
+        "docker:index/container:Container::server-ws-charlie-container",
+        "command:remote:Command::server-users-apply",
+      ]),
+    );
+    expect(mentions(after)).toEqual([]);
   });
 
   test("removing a user touches no other user's container and no shared service", async () => {

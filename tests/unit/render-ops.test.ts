@@ -62,7 +62,8 @@ describe("snapshot retention (btrbk)", () => {
     expect(conf).toMatch(/^snapshot_preserve\s+23h 6d 3w$/m);
     expect(conf).toMatch(/^preserve_hour_of_day\s+2$/m);
     expect(conf).toMatch(/^preserve_day_of_week\s+sunday$/m);
-    expect(conf).toContain("  subvolume homes/*\n    snapshot_dir .snapshots/homes\n");
+    // each user's home into a directory of their own (what their workspace mounts at /snapshots), by uid
+    expect(conf).toContain("  subvolume homes/alice\n    snapshot_dir .snapshots/homes/alice\n  subvolume homes/bob\n    snapshot_dir .snapshots/homes/bob\n");
     expect(conf).toContain("  subvolume docker-volumes/*\n    snapshot_dir .snapshots/docker-volumes\n");
   });
   it("refuses 0 or duplicate groups or unsafe paths", () => {
@@ -78,6 +79,16 @@ describe("restic backup settings", () => {
     const env = renderOpsEnv(exampleOpsParams());
     expect(env).toContain('TS_BACKUP_KEEP_DAILY="7"');
     expect(env).toContain('TS_BACKUP_KEEP_WEEKLY="52"');
+    expect(env).toContain('TS_BACKUP_ARCHIVE_KEEP_YEARS="0"'); // forever
+    expect(renderOpsEnv(exampleOpsParams({ backup: { ...exampleOpsParams().backup, archiveKeepYears: 3 } }))).toContain('TS_BACKUP_ARCHIVE_KEEP_YEARS="3"');
+    expect(() => renderOpsEnv(exampleOpsParams({ backup: { ...exampleOpsParams().backup, archiveKeepYears: 1.5 } }))).toThrow(/archiveKeepYears/);
+    // the restore broker: the users by uid, its spool, size (MB) and time guards
+    expect(env).toContain('TS_RESTORE_USERS="alice:2001 bob:2002"');
+    expect(env).toContain('TS_RESTORE_SPOOL="/var/lib/train-server/restore"');
+    expect(env).toContain('TS_RESTORE_MAX_MB="102400"');
+    expect(env).toContain('TS_RESTORE_TIMEOUT_S="7200"');
+    // backup.sh still backs up every home (removed users' too), not only the listed ones
+    expect(env).toContain('TS_SNAPSHOT_SOURCES="homes/* docker-volumes/*"');
     expect(env).toContain('TS_RESTIC_REPOSITORY="rclone:gdrive:train-server/restic"');
     expect(env).toContain('TS_USERS="alice:1073741824000 bob:1073741824000"'); // quota bytes (GiB)
   });
@@ -149,6 +160,6 @@ describe("files for ops-install.sh", () => {
     expect(files["/usr/local/lib/train-server/ops/backup.sh"].mode).toBe("0755");
     expect(files["/usr/local/lib/train-server/ops/lib.sh"].mode).toBe("0644");
     expect(dir.units.trim().split("\n")).toEqual(["ts-drive-mount.service", "ts-snapshot.timer", "ts-backup.timer",
-      "ts-verify-restore.timer", "ts-scrub.timer", "ts-usage-collector.timer", "ts-drift-check.timer", "ts-data-sync.timer", "ts-weekly-digest.timer"]);
+      "ts-verify-restore.timer", "ts-scrub.timer", "ts-usage-collector.timer", "ts-drift-check.timer", "ts-restore.timer", "ts-data-sync.timer", "ts-weekly-digest.timer"]);
   });
 });

@@ -388,5 +388,13 @@ describe("workspaceMounts / workspaceEnv", () => {
     expect(() =>
       workspaceMounts({ user: "bob", home: "homes/bob", scratch: "/s", state: "/st", cacheRoot: "/c", passwordFile: "/p" }),
     ).toThrow(/absolute/);
+    // another user's snapshot directory or spool is never mounted into bob's workspace
+    const base = { user: "bob", home: "/h/bob", scratch: "/s", state: "/st", cacheRoot: "/c" };
+    expect(() => workspaceMounts({ ...base, snapshots: "/mnt/storage/.snapshots/homes/alice" })).toThrow(/snapshots .* is not bob's own directory/);
+    expect(() => workspaceMounts({ ...base, restoreSpool: "/var/lib/train-server/restore" })).toThrow(/restoreSpool .* is not bob's own directory/);
+    expect(workspaceMounts({ ...base, snapshots: "/a/bob", restoreSpool: "/r/bob" }).slice(-2)).toEqual([
+      { source: "/a/bob", target: "/snapshots", readOnly: true },
+      { source: "/r/bob", target: "/run/train-server-restore", readOnly: false },
+    ]);
   });
 });

@@ -92,6 +92,19 @@ describe("workspaces of the prod stack", () => {
     expect(alice.inputs.mounts.find((m: any) => m.target === "/shared").bindOptions).toEqual({ propagation: "rslave" });
   });
 
+  test("each workspace mounts only its own user's snapshots (read-only) and restore spool; no other user's path", () => {
+    const users = res.filter((r) => r.type === "docker:index/container:Container" && /workspace-[a-z]+$/.test(r.inputs.name ?? ""));
+    expect(users.length).toBeGreaterThan(1);
+    for (const w of users) {
+      const me = w.inputs.name.replace("workspace-", "");
+      const snap = w.inputs.mounts.find((m: any) => m.target === "/snapshots");
+      expect(snap).toEqual({ type: "bind", source: `/mnt/storage/.snapshots/homes/${me}`, target: "/snapshots", readOnly: true });
+      expect(w.inputs.mounts.find((m: any) => m.target === "/run/train-server-restore")).toEqual({ type: "bind", source: `/var/lib/train-server/restore/${me}`, target: "/run/train-server-restore" });
+      const others = users.map((u) => u.inputs.name.replace("workspace-", "")).filter((n) => n !== me);
+      for (const m of w.inputs.mounts) for (const o of others) expect(m.source.split("/")).not.toContain(o);
+    }
+  });
+
   test("routes <user>-code and <user>-jupyter point Traefik at the user's container", () => {
     const l = labels(byName(res, "workspace-bob"));
     expect(l["traefik.http.routers.bob-code.rule"]).toBe("Host(`bob-code.example.com`)");
