@@ -17,13 +17,14 @@ import { containerLifecycle } from "./services";
 import {
   WORKSPACE_PASSWORD_FILE,
   WORKSPACE_PORTS,
-  WORKSPACE_PRIVILEGED,
   WORKSPACE_SHARED_DIR,
   WORKSPACE_STOP_TIMEOUT_S,
   workspaceEnv,
   workspaceImageHash,
   workspaceMounts as imageMounts,
 } from "./render/workspace-image";
+import * as crypto from "crypto";
+import { workspaceSecurity } from "./render/workspace-security";
 import type { Route } from "./routes";
 import { workspaceContainer } from "./routes";
 
@@ -115,6 +116,23 @@ export function workspaceMounts(config: ServerConfig, user: UserConfig): docker.
   }));
 }
 
+/** A workspace's confinement as Docker provider arguments (the host test runs the same workspaceSecurity). */
+export function containerSecurity(config: ServerConfig, user: UserConfig): Pick<docker.ContainerArgs, "privileged" | "devices" | "capabilities"> & { securityOpts: string[] } {
+  const s = workspaceSecurity({ gpus: user.gpus, gpuCount: config.host.gpu.count });
+  return {
+    privileged: s.privileged,
+    securityOpts: s.securityOpts,
+    devices: s.devices.map((d) => ({ hostPath: d.hostPath, containerPath: d.containerPath, permissions: d.permissions })),
+    ...(s.capAdd.length ? { capabilities: { adds: s.capAdd } } : {}),
+  };
+}
+
+/** The label that carries a hash of the security options (a change of them replaces the container). */
+export const CONFINEMENT_LABEL = "train-server.confinement";
+export function confinementLabel(securityOpts: readonly string[]): { label: string; value: string } {
+  return { label: CONFINEMENT_LABEL, value: crypto.createHash("sha256").update(securityOpts.join("\0")).digest("hex").slice(0, 16) };
+}
+
 /** Memory settings in MB: limit, reservation (the guarantee), and memory+swap. */
 export function memorySettings(user: UserConfig): { memory: number; memoryReservation: number; memorySwap: number; shmSize: number } {
   return {
@@ -137,6 +155,7 @@ export class Workspace extends pulumi.ComponentResource {
     const password = new random.RandomPassword(`${name}-password`, { length: 24, special: false }, { parent: this });
     this.password = pulumi.secret(password.result);
     const lan = config.host.lanAddress;
+    const security = containerSecurity(config, user);
     this.container = new docker.Container(
       `${name}-container`,
       {
@@ -144,8 +163,9 @@ export class Workspace extends pulumi.ComponentResource {
         image: args.image,
         hostname: `${user.name}-workspace`,
         restart: "unless-stopped",
-        // Docker-in-Docker needs a privileged container: sudo in a workspace is root on the host (trusted team)
-        privileged: WORKSPACE_PRIVILEGED,
+        // not privileged: Docker's default capabilities, a seccomp/AppArmor profile that lets the user's rootless
+        // Docker make its user namespace, and exactly the user's GPU device nodes (render/workspace-security.ts)
+        ...security,
         envs: Object.entries(workspaceEnv({ user: user.name, uid: user.uid, sharedGroup: SHARED_GROUP, sharedGid: SHARED_GID })).map(([k, v]) => `${k}=${v}`),
         // the password reaches the container as a root-only file at create, never as an environment variable
         uploads: [{ file: WORKSPACE_PASSWORD_FILE, content: this.password, permissions: "0400" }],
@@ -157,7 +177,7 @@ export class Workspace extends pulumi.ComponentResource {
         networksAdvanced: [{ name: args.network, aliases: [workspaceContainer(user)] }],
         labels: pulumi
           .output(args.tunnelSources)
-          .apply((ts) => labelList(traefikLabels(args.routes, { adminSources: config.host.adminSources, tunnelSources: ts }))),
+          .apply((ts) => [...labelList(traefikLabels(args.routes, { adminSources: config.host.adminSources, tunnelSources: ts })), confinementLabel(security.securityOpts)]),
         ...(user.cpuset !== undefined ? { cpuSet: user.cpuset } : {}),
         ...(user.cpus !== undefined ? { cpus: String(user.cpus) } : {}),
         ...memorySettings(user),
@@ -168,7 +188,10 @@ export class Workspace extends pulumi.ComponentResource {
         // processes the image's stop timeout between SIGTERM and SIGKILL, never the provider's default 0 s.
         ...containerLifecycle(WORKSPACE_STOP_TIMEOUT_S, true, WORKSPACE_WAIT_TIMEOUT_S),
       },
-      { parent: this, provider: args.provider, deleteBeforeReplace: true, dependsOn: args.after ?? [] },
+      // Docker does not read `systempaths=unconfined` back into SecurityOpt (it becomes empty masked/read-only
+      // path lists), so the provider would see a diff on every run: the options are compared through the label
+      // instead, which replaces the container when they change
+      { parent: this, provider: args.provider, deleteBeforeReplace: true, dependsOn: args.after ?? [], ignoreChanges: ["securityOpts"] },
     );
     this.registerOutputs({ container: this.container.name, password: this.password });
   }

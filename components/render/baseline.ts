@@ -7,6 +7,8 @@
  * `renderBaselineFiles` returns them keyed by the name baseline.sh expects in $TS_FILES_DIR.
  */
 
+import { DOCKER_USERNS_REMAP, renderDockerRemapSubIds, renderWorkspaceAppArmor, WORKSPACE_APPARMOR_PROFILE } from "./workspace-security";
+
 /** Inputs of the host baseline. */
 export interface BaselineParams {
   /** Port the host's own sshd listens on (UFW allows it from `lanCidr` only). */
@@ -140,6 +142,9 @@ export function renderDockerDaemonJson(p: BaselineParams): string {
     "log-opts": { "max-size": p.logMaxSize ?? "50m", "max-file": String(p.logMaxFiles ?? 5) },
     // containers (the users' workspaces) keep running while dockerd restarts for a config change
     "live-restore": true,
+    // every container's root is an unprivileged host id unless it opts out (the services do): a workspace's root
+    // (sudo) is not root on the host (components/render/workspace-security.ts, /etc/subuid from subuid-dockremap)
+    "userns-remap": DOCKER_USERNS_REMAP.user,
   };
   if (p.gpuCount > 0) {
     // what `nvidia-ctk runtime configure --runtime=docker` would add; rendered here so the file has one owner
@@ -208,6 +213,10 @@ export function renderBaselineFiles(p: BaselineParams): Record<string, string> {
     "docker-service.conf": renderDockerServiceDropIn(p),
     "ufw-rules": renderUfwRules(p),
     "ufw-docker-user.rules": renderUfwDockerUserRules(p),
+    // Docker's userns-remap: the lines of /etc/subuid and /etc/subgid for the remap user
+    [`subid-${DOCKER_USERNS_REMAP.user}`]: renderDockerRemapSubIds(),
+    // the workspaces' AppArmor profile (loaded where AppArmor runs)
+    [`apparmor-${WORKSPACE_APPARMOR_PROFILE}`]: renderWorkspaceAppArmor(),
   };
   if (p.gpuCount > 0) files["nvidia-container-toolkit.list"] = renderNvidiaAptSource();
   return files;

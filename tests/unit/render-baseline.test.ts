@@ -63,13 +63,14 @@ describe("renderFail2banJail", () => {
 });
 
 describe("renderDockerDaemonJson", () => {
-  test("data on the array, btrfs driver, rotated logs, live-restore; no nvidia runtime without GPUs", () => {
+  test("data on the array, btrfs driver, rotated logs, live-restore, user-namespace remapping; no nvidia runtime without GPUs", () => {
     expect(JSON.parse(renderDockerDaemonJson(params))).toEqual({
       "data-root": "/mnt/storage/docker-data",
       "storage-driver": "btrfs",
       "log-driver": "json-file",
       "log-opts": { "max-size": "50m", "max-file": "5" },
       "live-restore": true,
+      "userns-remap": "dockremap",
     });
   });
   test("adds the nvidia runtime when there are GPUs", () => {
@@ -106,7 +107,7 @@ describe("firewall", () => {
 describe("renderBaselineFiles", () => {
   test("the file names baseline.sh reads; the NVIDIA apt source only with GPUs", () => {
     expect(Object.keys(renderBaselineFiles(params)).sort()).toEqual(
-      ["daemon.json", "docker-service.conf", "fail2ban-jail.conf", "sshd.conf", "ufw-docker-user.rules", "ufw-rules"],
+      ["apparmor-train-server-workspace", "daemon.json", "docker-service.conf", "fail2ban-jail.conf", "sshd.conf", "subid-dockremap", "ufw-docker-user.rules", "ufw-rules"],
     );
     const gpu = renderBaselineFiles({ ...params, gpuCount: 1 });
     expect(gpu["nvidia-container-toolkit.list"]).toContain(
