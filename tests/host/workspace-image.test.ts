@@ -117,7 +117,7 @@ function openResult(out: string): string {
   if (/^OPENED$/m.test(out)) return "opened";
   if (/No such device or address/.test(out)) return "ENXIO";
   if (/Operation not permitted/.test(out)) return "EPERM";
-  if (/No such file or directory/.test(out)) return "ENOENT";
+  if (/No such file or directory/i.test(out)) return "ENOENT";
   if (/Permission denied/.test(out)) return "EACCES";
   return `other: ${out.trim().slice(-200)}`;
 }
@@ -175,7 +175,7 @@ describe("workspace image (core target) in a private dockerd", () => {
     image = `train-server/workspace:core-${hash.slice(0, 12)}`;
     // the core image and, on top, a test-only layer with Debian's docker-compose (v1): bookworm has no `docker
     // compose` plugin (the full image installs Ubuntu's docker-compose-v2), so that `docker-compose up` can be shown
-    const cached = path.join(TEST_CACHE, `workspace-core-${rootfsKey(BOOKWORM_MINBASE)}-${hash.slice(0, 16)}+compose.tar`);
+    const cached = path.join(TEST_CACHE, `ws-core-compose-${rootfsKey(BOOKWORM_MINBASE)}-${hash.slice(0, 16)}.tar`);
     if (!fs.existsSync(cached) || process.env.TS_WORKSPACE_REBUILD === "1") {
       // builds need the host's network (Debian's archive), which a remapped daemon refuses: a second, plain daemon
       const builder = timed("builder dockerd start", () => PrivateDockerd.start(scratch, { name: "builder" }));
@@ -197,7 +197,7 @@ describe("workspace image (core target) in a private dockerd", () => {
         fs.renameSync(`${cached}.tmp`, cached);
         // keep only the current image: older ones belong to build contexts that no longer exist
         for (const f of fs.readdirSync(TEST_CACHE)) {
-          if (/^workspace-core-.*\.tar$/.test(f) && path.join(TEST_CACHE, f) !== cached) fs.rmSync(path.join(TEST_CACHE, f), { force: true });
+          if (/^ws-core-compose-.*\.tar$/.test(f) && path.join(TEST_CACHE, f) !== cached) fs.rmSync(path.join(TEST_CACHE, f), { force: true });
         }
       });
       builder.stop();
@@ -452,9 +452,10 @@ describe("workspace image (core target) in a private dockerd", () => {
     row("root (sudo), workspace", "mknod c 195 0", openResult(exec(["bash", "-c", "mknod /tmp/nv0 c 195 0 2>&1; true"]).stdout), "EPERM");
     row("alice, nested (-v /workspace)", "195:0 (host-made node)", nested("/w/gpu0-node", "-v /workspace:/w"), "EPERM");
     row("alice, nested (-v /workspace)", "195:1 (host-made node)", nested("/w/gpu1-node", "-v /workspace:/w"), "ENXIO");
-    row("alice, nested --privileged", "195:0 (host-made node)", nested("/w/gpu0-node", "--privileged -v /workspace:/w"), "EPERM");
-    row("alice, nested --privileged", "mknod c 195 0",
-      openResult(ssh("docker run --rm --privileged local/base sh -c 'mknod /n c 195 0' 2>&1; true").stdout), "EPERM");
+    // every capability and no seccomp in the nested container: still the workspace's device cgroup
+    const allCaps = "--cap-add ALL --security-opt seccomp=unconfined";
+    row("alice, nested (all caps)", "195:0 (host-made node)", nested("/w/gpu0-node", `${allCaps} -v /workspace:/w`), "EPERM");
+    row("alice, nested (all caps)", "mknod c 195 0", openResult(ssh(`docker run --rm ${allCaps} local/base sh -c 'mknod /n c 195 0' 2>&1; true`).stdout), "EPERM");
 
     // carol has "all": a second workspace with the options rendered for her
     const carol = { name: "carol", uid: 1236 };
