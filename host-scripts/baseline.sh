@@ -212,6 +212,13 @@ docker_baseline() {
     systemctl daemon-reload
     restart=1
   fi
+  # turning userns-remap on moves Docker to a new data root: running containers would be orphaned by live-restore;
+  # they are stopped first (with the workspaces' grace) and the next `up` recreates them from the new root
+  if [[ -f $DAEMON_JSON ]] && ! grep -q '"userns-remap"' "$DAEMON_JSON" && grep -q '"userns-remap"' "$F/daemon.json" \
+    && systemctl is-active -q docker; then
+    log "enabling userns-remap: stopping every container before Docker moves to its remapped data root"
+    docker ps -q | xargs -r docker stop -t 120 >&2
+  fi
   if install_tracked "$F/daemon.json" "$DAEMON_JSON" 644; then restart=1; fi
   if ((restart)) || ! systemctl is-active -q docker; then
     # live-restore (daemon.json) keeps the workspaces running across this restart

@@ -20,6 +20,7 @@ import {
   workspaceSecurityRunArgs,
 } from "../../components/render/workspace-security";
 import { workspaceSubIds } from "../../components/render/workspace-image";
+import { confinementLabel } from "../../components/workspace";
 import { Registered } from "../../tools/harness";
 import { clone, runProgram, stackRaw } from "../helpers/program";
 
@@ -88,6 +89,11 @@ describe("device nodes", () => {
   });
 });
 
+test("the confinement label changes with the options", () => {
+  expect(confinementLabel(["a"]).value).not.toBe(confinementLabel(["a", "b"]).value);
+  expect(confinementLabel(workspaceSecurityOpts())).toEqual({ label: "train-server.confinement", value: expect.stringMatching(/^[0-9a-f]{16}$/) });
+});
+
 describe("user-namespace remapping", () => {
   test("container root 0..999 lands above every other id; 1000.. stays itself and covers every user's nested range", () => {
     expect(renderDockerRemapSubIds()).toBe("dockremap:4200000000:1000\ndockremap:1000:4199999000\n");
@@ -117,6 +123,9 @@ describe("the prod plan", () => {
       expect(w.inputs.capabilities).toBeUndefined();
       expect(w.inputs.securityOpts).toEqual(workspaceSecurityOpts());
       expect(w.inputs.usernsMode).toBeUndefined();
+      // Docker reads systempaths=unconfined back as path lists: the options are compared through the label
+      expect(w.ignoreChanges).toEqual(["securityOpts"]);
+      expect(w.inputs.labels).toContainEqual(confinementLabel(workspaceSecurityOpts()));
       // prod: one GPU, everyone "all"
       expect(w.inputs.devices.map((d: any) => d.containerPath)).toEqual(["/dev/net/tun", "/dev/nvidia0", ...control]);
     }
