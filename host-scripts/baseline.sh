@@ -198,11 +198,10 @@ docker_baseline() {
   done
   if [[ ! -e $root ]]; then
     btrfs -q subvolume create "$root" >/dev/null
+    chmod 710 "$root"
     changed "created subvolume $root (Docker's data-root)"
   fi
-  # 711: the remapped root (userns-remap) must traverse it to its <uid>.<gid> data dir (dockerd refuses to start
-  # otherwise); listing it stays root's
-  if [[ $(stat -c %a "$root") != 711 ]]; then chmod 711 "$root"; changed "mode 711 on $root (userns-remap)"; fi
+  # (with userns-remap dockerd itself gives the remapped root's group access to it; its parents are 755)
   if dockerd --help 2>&1 | grep -q -- '--validate'; then
     dockerd --validate --config-file "$F/daemon.json" >&2 || die "dockerd rejects daemon.json"
   else
