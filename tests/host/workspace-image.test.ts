@@ -11,8 +11,10 @@
  * RUNNING, limits read back, the password in no env/log/process environment, refusals before anything is written,
  * and the host network left as it was.
  *
- * The built core image is cached under /var/cache/train-server-test keyed by workspaceImageHash + the base rootfs
- * key: it is rebuilt whenever any file of images/workspace changes (TS_WORKSPACE_REBUILD=1 forces a build).
+ * The built core image (plus a test-only docker-compose layer) is built by a second, plain private dockerd (a
+ * remapping daemon refuses --network host builds) and cached under /var/cache/train-server-test as
+ * ws-core-compose-<rootfs key>-<workspaceImageHash>.tar: rebuilt whenever any file of images/workspace changes
+ * (TS_WORKSPACE_REBUILD=1 forces a build).
  */
 import { spawnSync } from "child_process";
 import * as crypto from "crypto";
