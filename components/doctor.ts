@@ -14,6 +14,7 @@
  *   skip  the check does not apply to this config (no GPU, no bcache) or was not asked for — with the reason;
  *   ok    with the evidence that it is.
  */
+import { REMAPPED_ROOT_UID } from "./render/workspace-security";
 import { parse as parseYaml } from "yaml";
 import type { ServerConfig, UserConfig } from "./config";
 import { publishedRoutes } from "./edge";
@@ -440,7 +441,8 @@ function checkGpu({ config, facts, targets: t }: Env): Check[] {
 function checkDocker({ config, facts, targets: t }: Env): Check[] {
   const out: Check[] = [];
   const [version, driver, root] = (facts["docker.info"] ?? "").split(/\s+/);
-  const dataRoot = `${config.storage.mountpoint}/docker-data`;
+  // userns-remap (baseline daemon.json): the daemon keeps its data in <data-root>/<uid>.<gid> of the remapped root
+  const dataRoot = `${config.storage.mountpoint}/docker-data/${REMAPPED_ROOT_UID}.${REMAPPED_ROOT_UID}`;
   if (facts["docker.rc"] !== "0") out.push(fail("docker.daemon", `docker info fails: ${facts["docker.info"] ?? "no answer"}`, "sudo systemctl status docker; sudo journalctl -u docker | tail"));
   else if (driver !== "btrfs" || root !== dataRoot) out.push(fail("docker.daemon", `Docker ${version} uses ${driver} in ${root}, not btrfs in ${dataRoot}`, "pulumi up (baseline.sh writes /etc/docker/daemon.json); then sudo systemctl restart docker"));
   else out.push(ok("docker.daemon", `Docker ${version}, btrfs, data root ${root}`));

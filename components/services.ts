@@ -199,6 +199,9 @@ export class SharedServices extends pulumi.ComponentResource {
     const base = (svc: string): Partial<docker.ContainerArgs> => ({
       name: svc,
       restart: "unless-stopped",
+      // the daemon remaps user namespaces for the workspaces (baseline daemon.json "userns-remap"); the services
+      // keep the host's ids (their data dirs, the Docker socket, host pid/network modes): README, "Workspace isolation"
+      usernsMode: "host",
       networksAdvanced: [{ name: this.network.name, aliases: [svc] }],
       labels: this.tunnelSources.apply((ts) => labelList(traefikLabels(routesOf(svc), { adminSources: config.host.adminSources, tunnelSources: ts }))),
     });
@@ -248,16 +251,22 @@ export class SharedServices extends pulumi.ComponentResource {
       healthcheck: { tests: ["CMD-SHELL", "/usr/sbin/health.sh"], interval: "60s", timeout: "10s", retries: 3 },
     });
 
+    // not privileged (README, "Workspace isolation"): every container's cgroup stats are readable files under the
+    // read-only /sys and /rootfs binds (root in the container reads them with Docker's default capabilities);
+    // /dev/kmsg, read-only, is where cAdvisor watches OOM kills (container_oom_events_total), and reading it takes
+    // CAP_SYSLOG under Ubuntu's kernel.dmesg_restrict=1; /dev/disk names the block devices of the disk metrics.
     make("cadvisor", {
       image: SERVICE_IMAGES.cadvisor,
-      privileged: true,
-      devices: [{ hostPath: "/dev/kmsg" }],
+      capabilities: { adds: ["SYSLOG"] },
+      securityOpts: ["no-new-privileges:true"],
+      devices: [{ hostPath: "/dev/kmsg", permissions: "r" }],
       command: ["--docker_only=true", "--housekeeping_interval=30s"],
       volumes: [
         { hostPath: "/", containerPath: "/rootfs", readOnly: true },
         { hostPath: "/var/run", containerPath: "/var/run", readOnly: true },
         { hostPath: "/sys", containerPath: "/sys", readOnly: true },
         { hostPath: `${config.storage.mountpoint}/docker-data`, containerPath: "/var/lib/docker", readOnly: true },
+        { hostPath: "/dev/disk", containerPath: "/dev/disk", readOnly: true },
       ],
       healthcheck: { tests: ["CMD", "wget", "-q", "--spider", "http://localhost:8080/healthz"], interval: "30s", timeout: "5s", retries: 3 },
     });

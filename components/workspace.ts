@@ -20,7 +20,6 @@ import { containerLifecycle } from "./services";
 import {
   WORKSPACE_PASSWORD_FILE,
   WORKSPACE_PORTS,
-  WORKSPACE_PRIVILEGED,
   WORKSPACE_SHARED_DIR,
   WORKSPACE_STOP_TIMEOUT_S,
   workspaceEnv,
@@ -28,6 +27,8 @@ import {
   workspaceMounts as imageMounts,
 } from "./render/workspace-image";
 import { WORKSPACE_SLICE } from "./render/workspace-slice";
+import * as crypto from "crypto";
+import { workspaceSecurity } from "./render/workspace-security";
 import type { Route } from "./routes";
 import { workspaceContainer } from "./routes";
 
@@ -127,6 +128,23 @@ export function workspaceMounts(config: ServerConfig, user: UserConfig): docker.
   }));
 }
 
+/** A workspace's confinement as Docker provider arguments (the host test runs the same workspaceSecurity). */
+export function containerSecurity(config: ServerConfig, user: UserConfig): Pick<docker.ContainerArgs, "privileged" | "devices" | "capabilities"> & { securityOpts: string[] } {
+  const s = workspaceSecurity({ gpus: user.gpus, gpuCount: config.host.gpu.count });
+  return {
+    privileged: s.privileged,
+    securityOpts: s.securityOpts,
+    devices: s.devices.map((d) => ({ hostPath: d.hostPath, containerPath: d.containerPath, permissions: d.permissions })),
+    ...(s.capAdd.length ? { capabilities: { adds: s.capAdd } } : {}),
+  };
+}
+
+/** The label that carries a hash of the security options (a change of them replaces the container). */
+export const CONFINEMENT_LABEL = "train-server.confinement";
+export function confinementLabel(securityOpts: readonly string[]): { label: string; value: string } {
+  return { label: CONFINEMENT_LABEL, value: crypto.createHash("sha256").update(securityOpts.join("\0")).digest("hex").slice(0, 16) };
+}
+
 /** Memory settings in MB: limit, reservation (the guarantee), and memory+swap. */
 export function memorySettings(user: UserConfig): { memory: number; memoryReservation: number; memorySwap: number; shmSize: number } {
   return {
@@ -185,13 +203,15 @@ export class Workspace extends pulumi.ComponentResource {
     const password = new random.RandomPassword(`${name}-password`, { length: 24, special: false }, { parent: this });
     this.password = pulumi.secret(password.result);
     const lan = config.host.lanAddress;
+    const security = containerSecurity(config, user);
     // every plain argument of the container (what the rollout guard's spec hash covers)
     const spec = {
       name: workspaceContainer(user),
       hostname: `${user.name}-workspace`,
       restart: "unless-stopped",
-      // Docker-in-Docker needs a privileged container: sudo in a workspace is root on the host (trusted team)
-      privileged: WORKSPACE_PRIVILEGED,
+      // not privileged: Docker's default capabilities, a seccomp/AppArmor profile that lets the user's rootless
+      // Docker make its user namespace, and exactly the user's GPU device nodes (render/workspace-security.ts)
+      ...security,
       envs: Object.entries(workspaceEnv({ user: user.name, uid: user.uid, sharedGroup: SHARED_GROUP, sharedGid: SHARED_GID })).map(([k, v]) => `${k}=${v}`),
       // SSH on 2222+slot; the desktop (X2Go, which runs over SSH) on 4000+slot; both on the LAN address only
       ports: [
@@ -227,9 +247,21 @@ export class Workspace extends pulumi.ComponentResource {
         networksAdvanced: [{ name: args.network, aliases: [workspaceContainer(user)] }],
         labels: pulumi
           .output(args.tunnelSources)
-          .apply((ts) => labelList({ ...traefikLabels(args.routes, { adminSources: config.host.adminSources, tunnelSources: ts }), [WORKSPACE_SPEC_LABEL]: specHash })),
+          .apply((ts) => [
+            ...labelList({ ...traefikLabels(args.routes, { adminSources: config.host.adminSources, tunnelSources: ts }), [WORKSPACE_SPEC_LABEL]: specHash }),
+            confinementLabel(security.securityOpts),
+          ]),
       },
-      { parent: this, provider: args.provider, deleteBeforeReplace: true, dependsOn: [...(args.after ?? []), this.guard.apply] },
+      // Docker does not read `systempaths=unconfined` back into SecurityOpt (it becomes empty masked/read-only
+      // path lists), so the provider would see a diff on every run: the options are compared through the labels
+      // instead (the spec and the confinement hash), which replace the container when they change
+      {
+        parent: this,
+        provider: args.provider,
+        deleteBeforeReplace: true,
+        dependsOn: [...(args.after ?? []), this.guard.apply],
+        ignoreChanges: ["securityOpts"],
+      },
     );
     this.registerOutputs({ container: this.container.name, password: this.password });
   }

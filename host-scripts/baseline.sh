@@ -10,7 +10,8 @@
 #   TS_GPU_COUNT        > 0: install the NVIDIA container toolkit (NVIDIA's apt repository)
 #   TS_SHARED_GROUP     group owning the shared caches (default mlusers), TS_SHARED_GID its gid (default 2000)
 #   TS_FILES_DIR        files rendered by components/render/baseline.ts: sshd.conf fail2ban-jail.conf daemon.json
-#                       docker-service.conf ufw-rules ufw-docker-user.rules trainws.slice
+#                       docker-service.conf ufw-rules ufw-docker-user.rules trainws.slice subid-dockremap
+#                       apparmor-train-server-workspace
 #                       [GPU hosts: nvidia-container-toolkit.list nvidia-dev-char.rules ts-nvidia-dev-char.service]
 #   (the LAN CIDR and the users' ports reach the host only through the rendered ufw files)
 #   TS_ALLOW_WIPE=1     lets `destroy` remove the files this script installed (test rigs)
@@ -50,6 +51,9 @@ NV_LIST=/etc/apt/sources.list.d/nvidia-container-toolkit.list
 NV_KEYRING=/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg
 NV_RULE=/etc/udev/rules.d/71-nvidia-dev-char.rules
 NV_UNIT=/etc/systemd/system/ts-nvidia-dev-char.service
+REMAP_USER=dockremap
+AA_PROFILE=train-server-workspace
+AA_FILE=/etc/apparmor.d/$AA_PROFILE
 BEGIN_MARK='# BEGIN train-server DOCKER-USER'
 END_MARK='# END train-server DOCKER-USER'
 
@@ -79,7 +83,7 @@ restore() { if [[ -f $2 ]]; then cp -p "$2" "$1"; else rm -f "$1"; fi; }
 
 preflight() {
   local f
-  for f in sshd.conf fail2ban-jail.conf daemon.json docker-service.conf ufw-rules ufw-docker-user.rules $SLICE; do
+  for f in sshd.conf fail2ban-jail.conf daemon.json docker-service.conf ufw-rules ufw-docker-user.rules $SLICE subid-$REMAP_USER apparmor-$AA_PROFILE; do
     [[ -f $F/$f ]] || die "rendered file $F/$f is missing (components/render/baseline.ts renders it)"
   done
   if ((GPU > 0)); then
@@ -111,6 +115,8 @@ preflight() {
 
 packages() {
   local want=(openssh-server ufw fail2ban python3-systemd acl iptables) missing=() p
+  # apparmor_parser loads the workspaces' profile (apparmor_profile)
+  if apparmor_enabled; then want+=(apparmor); fi
   installed docker.io || installed docker-ce || want+=(docker.io)
   if ((GPU > 0)); then want+=(curl gpg ca-certificates); fi
   for p in "${want[@]}"; do installed "$p" || missing+=("$p"); done
@@ -188,14 +194,47 @@ fail2ban_baseline() {
   if ! systemctl is-enabled -q fail2ban; then systemctl enable fail2ban; changed "enabled fail2ban"; fi
 }
 
+# the remap user's lines in /etc/subuid or /etc/subgid, or nothing
+subid_lines() { grep "^$REMAP_USER:" "$1" 2>/dev/null || true; }
+apparmor_enabled() { [[ $(cat /sys/module/apparmor/parameters/enabled 2>/dev/null) == Y ]]; }
+
+# The workspaces' AppArmor profile (components/render/workspace-security.ts); Docker refuses to start a workspace
+# naming it on an AppArmor host where it is not loaded. Without AppArmor there is nothing to load.
+apparmor_profile() {
+  if ! apparmor_enabled; then
+    log "AppArmor is not enabled on this host: profile $AA_PROFILE not loaded (the workspaces rely on the user-namespace remapping and seccomp)"
+    return 0
+  fi
+  apparmor_parser -Q -K "$F/apparmor-$AA_PROFILE" || die "apparmor_parser rejects apparmor-$AA_PROFILE"
+  if install_tracked "$F/apparmor-$AA_PROFILE" "$AA_FILE" 644 || ! grep -q "^$AA_PROFILE (enforce)" /sys/kernel/security/apparmor/profiles; then
+    apparmor_parser -r -W "$AA_FILE"
+    changed "loaded AppArmor profile $AA_PROFILE"
+  fi
+}
+
 docker_baseline() {
-  local root restart=0 tmp
+  local root restart=0 tmp f
   root=$(data_root)
+  # userns-remap (daemon.json): the remap user and exactly its subordinate ids, before dockerd reads them at start
+  if ! getent passwd "$REMAP_USER" >/dev/null; then
+    useradd -r -M -s /usr/sbin/nologin "$REMAP_USER"
+    changed "created user $REMAP_USER (Docker's user-namespace remapping)"
+  fi
+  for f in /etc/subuid /etc/subgid; do
+    if [[ $(subid_lines "$f") != "$(cat "$F/subid-$REMAP_USER")" ]]; then
+      tmp=$(mktemp)
+      { grep -v "^$REMAP_USER:" "$f" 2>/dev/null || true; cat "$F/subid-$REMAP_USER"; } >"$tmp"
+      install_file "$tmp" "$f" 644
+      rm -f "$tmp"
+      restart=1
+    fi
+  done
   if [[ ! -e $root ]]; then
     btrfs -q subvolume create "$root" >/dev/null
     chmod 710 "$root"
     changed "created subvolume $root (Docker's data-root)"
   fi
+  # (with userns-remap dockerd itself gives the remapped root's group access to it; its parents are 755)
   if dockerd --help 2>&1 | grep -q -- '--validate'; then
     dockerd --validate --config-file "$F/daemon.json" >&2 || die "dockerd rejects daemon.json"
   else
@@ -204,6 +243,13 @@ docker_baseline() {
   if install_tracked "$F/docker-service.conf" "$DOCKER_DROPIN" 644; then
     systemctl daemon-reload
     restart=1
+  fi
+  # turning userns-remap on moves Docker to a new data root: running containers would be orphaned by live-restore;
+  # they are stopped first (with the workspaces' grace) and the next `up` recreates them from the new root
+  if [[ -f $DAEMON_JSON ]] && ! grep -q '"userns-remap"' "$DAEMON_JSON" && grep -q '"userns-remap"' "$F/daemon.json" \
+    && systemctl is-active -q docker; then
+    log "enabling userns-remap: stopping every container before Docker moves to its remapped data root"
+    docker ps -q | xargs -r docker stop -t 120 >&2
   fi
   if install_tracked "$F/daemon.json" "$DAEMON_JSON" 644; then restart=1; fi
   if ((restart)) || ! systemctl is-active -q docker; then
@@ -214,7 +260,8 @@ docker_baseline() {
   fi
   if ! systemctl is-enabled -q docker; then systemctl enable docker; changed "enabled docker"; fi
   tmp=$(docker info --format '{{.Driver}} {{.DockerRootDir}}')
-  [[ $tmp == "btrfs $root" ]] || die "docker runs with '$tmp', expected 'btrfs $root'"
+  # with userns-remap the daemon keeps its data in <data-root>/<uid>.<gid> of the remapped root
+  [[ $tmp == "btrfs $root" || $tmp =~ ^btrfs\ $root/[0-9]+\.[0-9]+$ ]] || die "docker runs with '$tmp', expected 'btrfs $root'"
   # the program's Docker provider (ssh://admin@host) talks to the daemon's socket as the admin
   if ! id -nG "$TS_SSH_ADMIN_USER" | tr ' ' '\n' | grep -qx docker; then
     usermod -aG docker "$TS_SSH_ADMIN_USER"
@@ -332,6 +379,10 @@ check() {
   if cgroup2 && ! recursiveprot; then result drift.memory-recursiveprot yes; else result drift.memory-recursiveprot no; fi
   if [[ $(current_block) == "$(cat "$F/ufw-docker-user.rules")" ]]; then result drift.ufw-docker-user.rules no; else result drift.ufw-docker-user.rules yes; fi
   if [[ $(ufw show added | sed -n 's/^ufw //p' | sort) == "$(sed '/^$/d' "$F/ufw-rules" | sort)" ]]; then result drift.ufw-rules no; else result drift.ufw-rules yes; fi
+  if [[ $(subid_lines /etc/subuid) == "$(cat "$F/subid-$REMAP_USER")" && $(subid_lines /etc/subgid) == "$(cat "$F/subid-$REMAP_USER")" ]]; then
+    result "drift.subid-$REMAP_USER" no
+  else result "drift.subid-$REMAP_USER" yes; fi
+  if ! apparmor_enabled || cmp -s "$F/apparmor-$AA_PROFILE" "$AA_FILE"; then result "drift.apparmor-$AA_PROFILE" no; else result "drift.apparmor-$AA_PROFILE" yes; fi
 }
 
 destroy() {
@@ -340,6 +391,14 @@ destroy() {
   if [[ -f $NV_UNIT ]]; then systemctl disable ts-nvidia-dev-char.service; fi
   for f in "$SSHD_DROPIN" "$F2B_JAIL" "$DOCKER_DROPIN" "$DAEMON_JSON" "$SLICE_UNIT" "/run/systemd/system.control/$SLICE.d/50-MemoryLow.conf" "$NV_RULE" "$NV_UNIT"; do
     if [[ -f $f ]]; then rm -f "$f"; changed "removed $f"; fi
+  done
+  if [[ -f $AA_FILE ]]; then
+    if apparmor_enabled; then apparmor_parser -R "$AA_FILE" || true; fi
+    rm -f "$AA_FILE"
+    changed "removed $AA_FILE"
+  fi
+  for f in /etc/subuid /etc/subgid; do
+    if [[ -n $(subid_lines "$f") ]]; then sed -i "/^$REMAP_USER:/d" "$f"; changed "removed $REMAP_USER's lines from $f"; fi
   done
   if [[ -n $(current_block) ]]; then sed -i "\\|^$BEGIN_MARK\$|,\\|^$END_MARK\$|d" "$UFW_AFTER"; changed "removed the DOCKER-USER block"; fi
   systemctl daemon-reload
@@ -357,6 +416,7 @@ case $ACTION in
     nvidia_dev_char
     caches
     workspace_slice
+    apparmor_profile
     docker_baseline
     ufw_baseline
     ;;

@@ -202,7 +202,9 @@ ensure_account() { # NAME
   if [[ ${U_ADMIN[$name]} == 1 ]]; then want_groups+=",sudo"; fi
   ensure_group "$name" "$uid"
   if ! getent passwd "$name" >/dev/null; then
-    useradd -u "$uid" -g "$uid" -M -d "$home" -s /bin/bash -p '*' -G "$want_groups" "$name"
+    # no subordinate ids on the host: Docker's userns-remap (baseline.sh) holds 1000.. for the workspaces, so
+    # useradd could not find a free range; a user's rootless Docker gets its range inside the workspace
+    useradd -K SUB_UID_COUNT=0 -K SUB_GID_COUNT=0 -u "$uid" -g "$uid" -M -d "$home" -s /bin/bash -p '*' -G "$want_groups" "$name"
     changed "created account $name (uid $uid)"
   fi
   if [[ $(passwd_field "$name" 6) != "$home" ]]; then usermod -d "$home" "$name"; changed "home of $name"; fi

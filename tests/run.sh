@@ -16,7 +16,7 @@ declare -A NEED=(
   [make-bcache]=bcache-tools [fusermount3]=fuse3 [systemd-analyze]=systemd [wipefs]=util-linux
   [mkfs.ext4]=e2fsprogs [ssh]=openssh-client [setfacl]=acl [ufw]=ufw [fail2ban-client]=fail2ban [jq]=jq [sfdisk]=fdisk
   [btrbk]=btrbk [faketime]=faketime [qemu-system-x86_64]=qemu-system-x86 [cpio]=cpio [zstd]=zstd
-  [iptables]=iptables [unshare]=util-linux [ssh-keygen]=openssh-client [curl]=curl
+  [iptables]=iptables [unshare]=util-linux [ssh-keygen]=openssh-client [curl]=curl [apparmor_parser]=apparmor
 )
 missing=()
 for tool in "${!NEED[@]}"; do
@@ -50,6 +50,17 @@ echo "== unit tests (program under mocks)" >&2
 npx jest --selectProjects unit --json --outputFile=.test-results/unit.json || status=1
 echo "== host tests (real devices and tools)" >&2
 npx jest --selectProjects host --runInBand --json --outputFile=.test-results/host.json || status=1
+
+# the GPU check needs an NVIDIA GPU and running workspaces (the server); anywhere else it says why it did not run
+echo "== GPU check (tests/gpu/check.sh)" >&2
+if nvidia-smi -L >/dev/null 2>&1; then
+  gpu_rc=0
+  bash tests/gpu/check.sh || gpu_rc=$?
+  if ((gpu_rc == 3)); then echo "GPU check NOT RUN: an NVIDIA GPU is present but no workspace is running here" >&2
+  elif ((gpu_rc != 0)); then status=1; fi
+else
+  echo "GPU check NOT RUN: no NVIDIA GPU on this machine (nvidia-smi -L fails); run tests/gpu/check.sh on the server" >&2
+fi
 
 node tools/test-totals.js .test-results/unit.json .test-results/host.json --tsc-ok="$tsc_ok" | tee .test-results/totals.txt
 [[ $tsc_ok == 1 ]] || status=1

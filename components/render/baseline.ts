@@ -8,6 +8,7 @@
  */
 
 import { renderWorkspaceSlice, WORKSPACE_SLICE, workspaceSliceMemoryLow } from "./workspace-slice";
+import { DOCKER_USERNS_REMAP, renderDockerRemapSubIds, renderWorkspaceAppArmor, WORKSPACE_APPARMOR_PROFILE } from "./workspace-security";
 
 /** Inputs of the host baseline. */
 export interface BaselineParams {
@@ -151,6 +152,9 @@ export function renderDockerDaemonJson(p: BaselineParams): string {
     // protection (cgroupfs would put it in a plain directory systemd knows nothing of); Docker's default on a
     // cgroup v2 systemd host, written down so it cannot change under the workspaces
     "exec-opts": ["native.cgroupdriver=systemd"],
+    // every container's root is an unprivileged host id unless it opts out (the services do): a workspace's root
+    // (sudo) is not root on the host (components/render/workspace-security.ts, /etc/subuid from subuid-dockremap)
+    "userns-remap": DOCKER_USERNS_REMAP.user,
   };
   if (p.gpuCount > 0) {
     // what `nvidia-ctk runtime configure --runtime=docker` would add; rendered here so the file has one owner
@@ -255,6 +259,10 @@ export function renderBaselineFiles(p: BaselineParams): Record<string, string> {
     "ufw-rules": renderUfwRules(p),
     "ufw-docker-user.rules": renderUfwDockerUserRules(p),
     [WORKSPACE_SLICE]: renderWorkspaceSlice({ ramGb: p.ramGb, reservedRamGb: p.reservedRamGb }),
+    // Docker's userns-remap: the lines of /etc/subuid and /etc/subgid for the remap user
+    [`subid-${DOCKER_USERNS_REMAP.user}`]: renderDockerRemapSubIds(),
+    // the workspaces' AppArmor profile (loaded where AppArmor runs)
+    [`apparmor-${WORKSPACE_APPARMOR_PROFILE}`]: renderWorkspaceAppArmor(),
   };
   if (p.gpuCount > 0) {
     files["nvidia-container-toolkit.list"] = renderNvidiaAptSource();

@@ -13,7 +13,7 @@ import * as path from "path";
 /** The build context, relative to the repository root. */
 export const WORKSPACE_IMAGE_DIR = "images/workspace";
 
-/** Build targets of images/workspace/Dockerfile: `core` (system, sshd, supervisord, DinD, user handling; buildable
+/** Build targets of images/workspace/Dockerfile: `core` (system, sshd, supervisord, rootless Docker, user handling; buildable
  * from plain Debian/Ubuntu) and `workspace` (the default, last stage: + desktop, code-server, JupyterLab, ML stack). */
 export const WORKSPACE_TARGETS = { core: "core", full: "workspace" } as const;
 /** The Dockerfile's base-image build argument (a CUDA runtime + cuDNN Ubuntu image in production). */
@@ -77,13 +77,22 @@ export const WORKSPACE_PASSWORD_FILE = "/run/secrets/workspace-password";
 export const WORKSPACE_HOME_PARENT = "/home";
 
 /**
- * Per-user container state that must survive an image update (container replacement): the inner dockerd's
- * data root (`docker/`) and the container's SSH host keys (`ssh/`, so users never see a host-key change).
- * Mount the user's docker-volumes subvolume here, read-write.
+ * Per-user container state that must survive an image update (container replacement): the user's rootless
+ * dockerd's data root (`docker-rootless/`, the user's) and the container's SSH host keys (`ssh/`, so users never see a
+ * host-key change). Mount the user's docker-volumes subvolume here, read-write. (`docker/`, the data root of the
+ * privileged Docker-in-Docker of earlier versions, is left untouched: its files belong to real root.)
  */
 export const WORKSPACE_STATE_DIR = "/var/lib/workspace";
-/** Docker-in-Docker data root, inside the state mount. */
-export const WORKSPACE_DIND_DATA_ROOT = `${WORKSPACE_STATE_DIR}/docker`;
+/** The user's rootless Docker data root, inside the state mount. */
+export const WORKSPACE_DIND_DATA_ROOT = `${WORKSPACE_STATE_DIR}/docker-rootless`;
+/** The user's rootless Docker socket (DOCKER_HOST in the workspace). */
+export function workspaceDockerHost(uid: number): string {
+  return `unix:///run/user/${uid}/docker.sock`;
+}
+/** The user's subordinate ids inside the workspace (/etc/subuid, /etc/subgid): 65536 from uid*65536. */
+export function workspaceSubIds(uid: number): { start: number; count: number } {
+  return { start: uid * 65536, count: 65536 };
+}
 
 /** The user's fast scratch space (host: workspaces/<user>), read-write. */
 export const WORKSPACE_SCRATCH_DIR = "/workspace";
@@ -204,17 +213,12 @@ export function workspaceEnv(p: { user: string; uid: number; gid?: number; share
   };
 }
 
-/**
- * Privileges: Docker-in-Docker needs a privileged container (mounts, cgroups, iptables and devices for the inner
- * dockerd; no narrower capability set runs dockerd). Consequence the admin must accept: sudo inside a workspace
- * is root on the host (all host devices are visible). The documented trade-off of a trusted team; the way out
- * is a sysbox runtime or rootless Docker, not a capability list.
- */
-export const WORKSPACE_PRIVILEGED = true;
+// Privileges: not privileged, none beyond Docker's default capabilities; components/render/workspace-security.ts
+// has the confinement (seccomp, AppArmor, devices) that components/workspace.ts and the host test share.
 /**
  * What `docker stop` (every replace, image roll and destroy: the provider's destroyGraceSeconds) gives a workspace
  * between SIGTERM and SIGKILL: the user's processes get SIGTERM first and up to WORKSPACE_USER_STOP_GRACE_S to save
- * (images/workspace/graceful-stop.sh), then the inner dockerd up to 45 s to stop the nested containers.
+ * (images/workspace/graceful-stop.sh; the user's rootless dockerd stops the nested containers in that time).
  */
 export const WORKSPACE_STOP_TIMEOUT_S = 120;
 /** The user's processes' share of it (the image's graceful-stop default). */

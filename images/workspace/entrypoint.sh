@@ -6,8 +6,8 @@
 #   WORKSPACE_UID           the user's stable host uid, 1000..59999 (required)
 #   WORKSPACE_GID           primary gid (default: WORKSPACE_UID)
 #   WORKSPACE_SHARED_GROUP  group of the shared /cache mounts (default mlusers), WORKSPACE_SHARED_GID (default 2000)
-# Mounts: /home/$WORKSPACE_USER (the user's home, owned by the uid), /var/lib/workspace (state: inner docker data
-#   root and SSH host keys), /run/secrets/workspace-password (0400/0600, one line), /workspace and /cache/* (optional).
+# Mounts: /home/$WORKSPACE_USER (the user's home, owned by the uid), /var/lib/workspace (state: the user's rootless
+#   Docker data root and SSH host keys), /run/secrets/workspace-password (0400/0600, one line), /workspace and /cache/* (optional).
 #
 # The home is the user's: this script never writes, chowns or creates anything in it (no skeleton files either;
 # shell defaults come from /etc/bash.bashrc and /etc/profile.d, so an empty home works). It refuses to start when
@@ -82,7 +82,8 @@ ensure_group() {
 ensure_user() {
   ensure_group "$USER_NAME" "$USER_GID"
   ensure_group "$SHARED_GROUP" "$SHARED_GID"
-  local groups=sudo,docker,$SHARED_GROUP by_uid
+  # no docker group: the user's Docker daemon is their own rootless one (its socket is theirs)
+  local groups=sudo,$SHARED_GROUP by_uid
   if getent passwd "$USER_NAME" >/dev/null; then
     [[ $(id -u "$USER_NAME") == "$USER_UID" ]] \
       || refuse "user $USER_NAME exists in the image with uid $(id -u "$USER_NAME"), not $USER_UID"
@@ -128,8 +129,32 @@ yaml_escape() {
   printf '%s' "$s"
 }
 
+# The user's subordinate ids for the rootless Docker daemon: 65536 ids from uid*65536 (uid 1000..59999 gives
+# 65536000..3932159999): distinct for every user, above every real account, so the nested containers of two users
+# never share a host id. The files are rewritten whole (the user is the only account with a range).
+prepare_subids() {
+  local start=$((USER_UID * 65536))
+  printf '%s:%s:65536\n' "$USER_NAME" "$start" >/etc/subuid
+  printf '%s:%s:65536\n' "$USER_NAME" "$start" >/etc/subgid
+  chmod 0644 /etc/subuid /etc/subgid
+}
+
+# DOCKER_HOST=the user's rootless daemon, for every SSH/X2Go session (pam_env reads /etc/environment) and login shell.
+docker_host_env() {
+  local line="DOCKER_HOST=unix:///run/user/$USER_UID/docker.sock"
+  grep -qx "$line" /etc/environment && return 0
+  sed -i '/^DOCKER_HOST=/d' /etc/environment
+  printf '%s\n' "$line" >>/etc/environment
+}
+
 prepare_state() {
-  install -d -m 0711 "$STATE_DIR/docker"
+  # the rootless daemon's data root is the user's; an older rootful data root (docker/) is left as it is
+  install -d -o "$USER_UID" -g "$USER_GID" -m 0700 "$STATE_DIR/docker-rootless"
+  install -d -o "$USER_UID" -g "$USER_GID" -m 0700 "$STATE_DIR/docker-rootless/config"
+  # runtime state only (socket, pidfile, rootlesskit's dir): a restart starts clean, never from a stale pidfile
+  rm -rf "/run/user/$USER_UID"
+  install -d -m 0755 /run/user
+  install -d -o "$USER_UID" -g "$USER_GID" -m 0700 "/run/user/$USER_UID"
   install -d -m 0700 "$STATE_DIR/ssh"
   local type
   for type in ed25519 rsa; do
@@ -142,29 +167,18 @@ prepare_state() {
   install -d -m 0755 /run/sshd
 }
 
-# Docker-in-Docker on cgroup v2 (Ubuntu 24.04 hosts): move this container's processes into a child cgroup so that
-# the root cgroup can delegate controllers to the inner dockerd (the same as moby's hack/dind).
-prepare_cgroups() {
-  [[ -f /sys/fs/cgroup/cgroup.controllers && -w /sys/fs/cgroup/cgroup.subtree_control ]] || return 0
-  mkdir -p /sys/fs/cgroup/init
-  local pid
-  while read -r pid; do
-    echo "$pid" >/sys/fs/cgroup/init/cgroup.procs 2>/dev/null || true
-  done </sys/fs/cgroup/cgroup.procs
-  sed -e 's/ / +/g' -e 's/^/+/' </sys/fs/cgroup/cgroup.controllers >/sys/fs/cgroup/cgroup.subtree_control || true
-}
-
 main() {
   check_inputs
   ensure_user
   set_password
+  prepare_subids
+  docker_host_env
   prepare_state
-  prepare_cgroups
   set -a
   # shellcheck source-path=SCRIPTDIR source=cache.env
   . /etc/train-server/cache.env
   set +a
-  export WORKSPACE_USER=$USER_NAME
+  export WORKSPACE_USER=$USER_NAME WORKSPACE_UID=$USER_UID DOCKER_HOST=unix:///run/user/$USER_UID/docker.sock
   log "starting supervisord for $USER_NAME"
   exec /usr/bin/supervisord -n -c /etc/supervisor/supervisord.conf
 }

@@ -3,8 +3,9 @@
 # runs. When the container stops (a replace, an image roll, a destroy: `docker stop` with the container's stop
 # timeout), supervisord stops it FIRST (highest priority), and it sends SIGTERM to every process of the workspace's
 # user: SSH and desktop sessions, tmux and screen, nohup'd training runs, code-server terminals, Jupyter and its
-# kernels. It waits until they are all gone, at most WORKSPACE_USER_STOP_GRACE_S (default 50), and returns; then
-# supervisord stops the rest (inner dockerd, which stops the nested containers gracefully, then sshd). Without it
+# kernels, and the user's rootless dockerd, which stops the nested containers gracefully (their processes that run
+# as the user get the SIGTERM directly too). It waits until they are all gone, at most WORKSPACE_USER_STOP_GRACE_S
+# (default 50), and returns; then supervisord stops the rest (sshd). Without it
 # those processes were SIGKILLed when supervisord, PID 1, exited.
 set -u
 user=${WORKSPACE_USER:?WORKSPACE_USER is not set}

@@ -131,6 +131,26 @@ export function privilegedRunArgs(): string[] {
 export interface PrivateDockerdOptions {
   /** Size of the sparse btrfs data-root image (MB). */
   dataRootMb?: number;
+  /** Run with --userns-remap: a unique system user gets exactly these /etc/subuid and /etc/subgid lines (`{user}`
+   * is replaced by its name); the user and its lines are removed again by the Scratch. */
+  usernsRemapSubIds?: (user: string) => string;
+  /** Directory name under the Scratch (default "dockerd"): two daemons in one Scratch need two names. */
+  name?: string;
+}
+
+/** Append `lines` to /etc/subuid and /etc/subgid for a new unique system user; undone by the Scratch. */
+function remapUser(scratch: Scratch, id: string, lines: (user: string) => string): string {
+  const user = `tsremap${id.slice(0, 8)}`;
+  sh("useradd", ["-r", "-M", "-s", "/usr/sbin/nologin", user]);
+  scratch.onCleanup(() => void spawnSync("userdel", [user]));
+  for (const f of ["/etc/subuid", "/etc/subgid"]) {
+    fs.appendFileSync(f, lines(user));
+    scratch.onCleanup(() => {
+      const keep = fs.readFileSync(f, "utf8").split("\n").filter((l) => !l.startsWith(`${user}:`));
+      fs.writeFileSync(f, keep.join("\n"));
+    });
+  }
+  return user;
 }
 
 export class PrivateDockerd {
@@ -145,8 +165,8 @@ export class PrivateDockerd {
   readonly log: string;
   private pid = 0;
 
-  private constructor(scratch: Scratch, id: string) {
-    const base = path.join(scratch.dir, "dockerd");
+  private constructor(scratch: Scratch, id: string, name = "dockerd") {
+    const base = path.join(scratch.dir, name);
     fs.mkdirSync(base);
     this.sock = path.join(base, "docker.sock");
     this.btrfs = path.join(base, "btrfs");
@@ -158,7 +178,8 @@ export class PrivateDockerd {
 
   /** Start dockerd and wait until it answers (≈1 s). Everything is undone by `scratch.cleanup()`. */
   static start(scratch: Scratch, opts: PrivateDockerdOptions = {}): PrivateDockerd {
-    const d = new PrivateDockerd(scratch, crypto.randomBytes(5).toString("hex"));
+    const id = crypto.randomBytes(5).toString("hex");
+    const d = new PrivateDockerd(scratch, id, opts.name);
     const base = path.dirname(d.sock);
     // data root: btrfs on a loop device
     const dev = scratch.loopDevice(opts.dataRootMb ?? 8192);
@@ -178,6 +199,8 @@ export class PrivateDockerd {
     sh("ip", ["link", "set", d.bridge, "up"]);
     scratch.onCleanup(() => d.removeCgroupParent());
 
+    // the remapped root must reach its data root: o+x on every directory above it (dockerd checks)
+    if (opts.usernsRemapSubIds) fs.chmodSync(scratch.dir, 0o711);
     const config = path.join(base, "daemon.json");
     fs.writeFileSync(config, "{}\n");
     const args = [
@@ -192,6 +215,7 @@ export class PrivateDockerd {
       "--ip-forward=false",
       "--storage-driver=btrfs",
       `--cgroup-parent=${d.cgroupParent}`,
+      ...(opts.usernsRemapSubIds ? [`--userns-remap=${remapUser(scratch, id, opts.usernsRemapSubIds)}`] : []),
     ];
     const log = fs.openSync(d.log, "w");
     const child = spawn("dockerd", args, { stdio: ["ignore", log, log], detached: true });

@@ -175,6 +175,8 @@ export function startStubs(rig: Rig, config: ServerConfig, telegramBotToken: str
         : ["--health-cmd", r.health ? `python3 -c "import socket; socket.create_connection(('127.0.0.1', ${r.health}), 2)"` : "true", "--health-interval", "2s", "--health-retries", "3"];
     docker([
       "run", "-d", "--name", name, "--cgroup-parent", cgroupParent(),
+      // as in production: the daemon remaps user namespaces (baseline daemon.json), the services opt out
+      ...(name.startsWith("workspace-") ? [] : ["--userns", "host"]),
       ...(r.hostNetwork ? ["--network", "host"] : ["--network", SERVICES_NETWORK, "--network-alias", name]),
       "-v", "/usr:/usr:ro", "-v", `${STUB_DIR}:/stubs:ro`,
       ...(r.volumes ?? []).flatMap((v) => ["-v", v]),

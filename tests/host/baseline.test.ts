@@ -6,6 +6,7 @@
 import * as fs from "fs";
 import * as path from "path";
 import { renderBaselineFiles, BaselineParams } from "../../components/render/baseline";
+import { REMAPPED_ROOT_UID, renderDockerRemapSubIds } from "../../components/render/workspace-security";
 import { bash, Scratch, sh } from "../helpers/host";
 import { BASELINE_PACKAGES, ensureRootfs, NspawnContainer } from "../helpers/nspawn";
 
@@ -153,7 +154,10 @@ describe("baseline.sh in a booted systemd container", () => {
     const sshd = c.run(["sshd", "-T"]).split("\n");
     for (const want of ["passwordauthentication no", "permitrootlogin no", "authenticationmethods publickey", "port 22"]) expect(sshd).toContain(want);
     expect(c.run(["fail2ban-client", "status", "sshd"])).toMatch(/Journal matches:\s+_SYSTEMD_UNIT=sshd.service/);
-    expect(c.run(["docker", "info", "--format", "{{.Driver}} {{.DockerRootDir}} {{.LoggingDriver}}"]).trim()).toBe(`btrfs ${MP}/docker-data json-file`);
+    expect(c.run(["docker", "info", "--format", "{{.Driver}} {{.DockerRootDir}} {{.LoggingDriver}}"]).trim()).toBe(`btrfs ${MP}/docker-data/${REMAPPED_ROOT_UID}.${REMAPPED_ROOT_UID} json-file`);
+    // userns-remap: the remap user and exactly its subordinate ids
+    expect(c.run(["grep", "^dockremap:", "/etc/subuid"])).toBe(renderDockerRemapSubIds());
+    expect(c.run(["grep", "^dockremap:", "/etc/subgid"])).toBe(renderDockerRemapSubIds());
     // the Docker provider connects over ssh as the admin: the admin reaches the daemon without sudo
     expect(c.run(["id", "-nG", params.adminUser]).trim().split(" ")).toContain("docker");
     expect(c.run(["btrfs", "subvolume", "show", `${MP}/docker-data`])).toContain("Subvolume ID");
@@ -182,7 +186,7 @@ describe("baseline.sh in a booted systemd container", () => {
     const r = c.runScript("baseline", "apply", env());
     const ms = Date.now() - t0;
     expect(r.status).toBe(0);
-    expect(r.changes).toBe(0);
+    expect({ changes: r.changes, log: r.stderr.split("\n").filter((l) => l.includes("changed:")) }).toEqual({ changes: 0, log: [] });
     expect(sums()).toBe(before.sums);
     expect(starts()).toBe(before.starts);
     expect(firewall()).toBe(before.firewall);

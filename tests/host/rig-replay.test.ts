@@ -10,6 +10,7 @@ import { Scratch } from "../helpers/host";
 import { clone } from "../helpers/program";
 import { CommandRun, Plan, planOf, Replayer, RIG_OPS_JOBS, rigRemotes, rigStack } from "../helpers/replay";
 import { Rig } from "../helpers/rig";
+import { REMAPPED_ROOT_UID } from "../../components/render/workspace-security";
 
 jest.setTimeout(900_000);
 
@@ -160,7 +161,7 @@ describe("RIG REPLAY: the rig stack's remote commands against a booted systemd c
     expect(ufw.split("\n").filter((l) => /ALLOW|DENY/.test(l)).map((l) => l.trim().split(/\s{2,}/))).toEqual([["22/tcp", "ALLOW IN", rig.lanCidr]]);
     expect(sudo("iptables -S DOCKER-USER")).toContain(`! -s ${rig.lanCidr} -p tcp -m conntrack --ctstate DNAT --ctorigdstport 2222:62999`);
     // docker: btrfs driver, data root on the array; fail2ban running its sshd jail
-    expect(sudo("docker info --format '{{.Driver}} {{.DockerRootDir}}'").trim()).toBe(`btrfs ${MP}/docker-data`);
+    expect(sudo("docker info --format '{{.Driver}} {{.DockerRootDir}}'").trim()).toBe(`btrfs ${MP}/docker-data/${REMAPPED_ROOT_UID}.${REMAPPED_ROOT_UID}`);
     for (const svc of ["ssh", "docker", "fail2ban", "ufw"]) expect(ssh(`systemctl is-active ${svc}`).trim()).toBe("active");
     // the Docker provider (ssh://ops@host) works as the admin, without sudo
     expect(ssh("docker info --format '{{.Driver}}'").trim()).toBe("btrfs");

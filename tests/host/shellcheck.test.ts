@@ -14,7 +14,7 @@ function scripts(dir: string): string[] {
     .sort();
 }
 
-const all = [...scripts("host-scripts"), ...scripts("images"), ...scripts("tests/helpers"), ...scripts(".github"), ".ci/run", "tests/run.sh"];
+const all = [...scripts("host-scripts"), ...scripts("images"), ...scripts("tests/helpers"), ...scripts("tests/gpu"), ...scripts(".github"), ".ci/run", "tests/run.sh"];
 
 test("there are scripts to check", () => {
   expect(all).toEqual(expect.arrayContaining(["host-scripts/lib.sh", "host-scripts/storage.sh", "host-scripts/users.sh", "host-scripts/baseline.sh"]));

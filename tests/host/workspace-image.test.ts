@@ -1,15 +1,20 @@
 /**
- * The workspace image for real: a private dockerd (btrfs data root on a loop device, its own bridge, no iptables),
- * a Debian bookworm base imported from a cached debootstrap rootfs, `docker build --target core`, and a container
- * run exactly as components/workspace.ts runs one (workspaceEnv/workspaceMounts, privileged, the limits, the SSH
- * port published on the host). Proves: the uid/gid inside, the home byte-for-byte untouched (also across a restart
- * and a replacement), a real SSH key login through the published port with the cache env, sudo with the password
- * from the file, Docker-in-Docker usable by the user, supervisord programs RUNNING, limits read back, the password
- * in no env/log/process environment, refusals before anything is written, the `restore` command on the user's own
- * read-only snapshots, and the host network left as it was.
+ * The workspace image for real: a private dockerd (btrfs data root on a loop device, its own bridge, no iptables,
+ * user-namespace remapping as baseline.sh configures it), a Debian bookworm base imported from a cached debootstrap
+ * rootfs, `docker build --target core`, and a container run exactly as components/workspace.ts runs one
+ * (workspaceEnv/workspaceMounts, workspaceSecurity: not privileged, the seccomp/AppArmor options, the GPU device
+ * nodes, the limits, the SSH port published on the host). Proves: the uid/gid inside, the home byte-for-byte
+ * untouched (also across a restart and a replacement), a real SSH key login through the published port with the
+ * cache env, sudo with the password from the file, the user's rootless Docker (run, build, compose; nested containers
+ * inside the workspace's cpuset and memory limit), GPU pinning by the device cgroup (ENXIO for the user's GPUs, EPERM
+ * for the others, in the workspace and nested), what root in a workspace cannot do on the host, supervisord programs
+ * RUNNING, limits read back, the password in no env/log/process environment, refusals before anything is written,
+ * the `restore` command on the user's own read-only snapshots, and the host network left as it was.
  *
- * The built core image is cached under /var/cache/train-server-test keyed by workspaceImageHash + the base rootfs
- * key: it is rebuilt whenever any file of images/workspace changes (TS_WORKSPACE_REBUILD=1 forces a build).
+ * The built core image (plus a test-only docker-compose layer) is built by a second, plain private dockerd (a
+ * remapping daemon refuses --network host builds) and cached under /var/cache/train-server-test as
+ * ws-core-compose-<rootfs key>-<workspaceImageHash>.tar: rebuilt whenever any file of images/workspace changes
+ * (TS_WORKSPACE_REBUILD=1 forces a build).
  */
 import { spawnSync } from "child_process";
 import * as crypto from "crypto";
@@ -22,7 +27,6 @@ import {
   WORKSPACE_DIND_DATA_ROOT,
   WORKSPACE_IMAGE_DIR,
   WORKSPACE_PORTS,
-  WORKSPACE_PRIVILEGED,
   WORKSPACE_PROGRAMS,
   WORKSPACE_STOP_TIMEOUT_S,
   WORKSPACE_TARGETS,
@@ -36,12 +40,20 @@ import {
   HostNetState,
   hostNetState,
   PrivateDockerd,
-  privilegedRunArgs,
   rootfsKey,
   TEST_CACHE,
 } from "../helpers/docker";
 import { REPO, Scratch, sh, writeRandomFile } from "../helpers/host";
 import { containerLifecycle } from "../../components/services";
+import {
+  NVIDIA_CONTROL_NODES,
+  REMAPPED_ROOT_UID,
+  renderDockerRemapSubIds,
+  workspaceSeccompJson,
+  workspaceSecurity,
+  workspaceSecurityRunArgs,
+  type WorkspaceSecurity,
+} from "../../components/render/workspace-security";
 
 jest.setTimeout(30 * 60_000);
 
@@ -50,8 +62,9 @@ const UID = 1234;
 const SHARED_GID = 2000;
 const LIMITS = { cpuset: "1", memoryMb: 1024, reservationMb: 512, swapMb: 1536, shmMb: 256 };
 const NAME = "workspace-alice";
-/** WORKSPACE_PRIVILEGED as this machine allows it (see privilegedRunArgs). */
-const PRIVILEGED = privilegedRunArgs();
+/** The host has 2 GPUs; alice is pinned to GPU 1 (bob, further down, has "all"). */
+const GPU_COUNT = 2;
+const ALICE_GPUS = [1];
 
 const timings: Record<string, number> = {};
 const timed = <T>(what: string, fn: () => T): T => {
@@ -93,6 +106,26 @@ function freePort(): Promise<number> {
 
 const sleep = (s: number): void => void spawnSync("sleep", [String(s)]);
 
+/** A character-device major no driver has registered here (stands for nvidia-uvm's dynamic major). */
+function freeCharMajor(): number {
+  const text = fs.readFileSync("/proc/devices", "utf8");
+  const used = new Set([...text.split("Block devices:")[0].matchAll(/^\s*(\d+) /gm)].map((m) => Number(m[1])));
+  for (let m = 511; m > 300; m--) if (!used.has(m)) return m;
+  throw new Error("no free character major in 301..511");
+}
+
+/** What opening a device node read-write gave (bash's message → errno name). */
+function openResult(out: string): string {
+  if (/^OPENED$/m.test(out)) return "opened";
+  if (/No such device or address/.test(out)) return "ENXIO";
+  if (/Operation not permitted/.test(out)) return "EPERM";
+  if (/No such file or directory/i.test(out)) return "ENOENT";
+  if (/Permission denied/.test(out)) return "EACCES";
+  return `other: ${out.trim().slice(-200)}`;
+}
+/** A shell command that opens NODE read-write and prints OPENED or the error. */
+const openCmd = (node: string): string => `bash -c 'exec 3<>${node} && echo OPENED' 2>&1; true`;
+
 describe("workspace image (core target) in a private dockerd", () => {
   const scratch = new Scratch("ts-workspace-");
   let netBefore: HostNetState;
@@ -109,6 +142,9 @@ describe("workspace image (core target) in a private dockerd", () => {
   let hostKey: string;
   let snaps: string;
   let spool: string;
+  let devDir: string; // the host's (fake) NVIDIA device nodes
+  let seccompFile: string;
+  let security: WorkspaceSecurity;
 
   const exec = (args: string[], input?: string) => d.docker(["exec", ...(input !== undefined ? ["-i"] : []), NAME, ...args], { input });
   const ssh = (cmd: string, input?: string) =>
@@ -137,31 +173,53 @@ describe("workspace image (core target) in a private dockerd", () => {
 
   beforeAll(async () => {
     netBefore = hostNetState();
-    d = timed("dockerd start", () => PrivateDockerd.start(scratch));
+    d = timed("dockerd start", () => PrivateDockerd.start(scratch, { usernsRemapSubIds: renderDockerRemapSubIds }));
     const rootfs = timed("debootstrap rootfs (cached)", () => ensureDebootstrapRootfs(BOOKWORM_MINBASE));
-    timed("docker import base", () => d.importRootfs(rootfs, "local/bookworm"));
-
     const hash = workspaceImageHash(path.join(REPO, WORKSPACE_IMAGE_DIR));
     image = `train-server/workspace:core-${hash.slice(0, 12)}`;
-    const cached = path.join(TEST_CACHE, `workspace-core-${rootfsKey(BOOKWORM_MINBASE)}-${hash.slice(0, 16)}.tar`);
-    if (fs.existsSync(cached) && process.env.TS_WORKSPACE_REBUILD !== "1") {
-      timed("docker load (cached core image)", () => d.dockerOk(["load", "-i", cached], { timeoutMs: 600_000 }));
-    } else {
+    // the core image and, on top, a test-only layer with Debian's docker-compose (v1): bookworm has no `docker
+    // compose` plugin (the full image installs Ubuntu's docker-compose-v2), so that `docker-compose up` can be shown
+    const cached = path.join(TEST_CACHE, `ws-core-compose-${rootfsKey(BOOKWORM_MINBASE)}-${hash.slice(0, 16)}.tar`);
+    if (!fs.existsSync(cached) || process.env.TS_WORKSPACE_REBUILD === "1") {
+      // builds need the host's network (Debian's archive), which a remapped daemon refuses: a second, plain daemon
+      const builder = timed("builder dockerd start", () => PrivateDockerd.start(scratch, { name: "builder" }));
+      timed("docker import base", () => builder.importRootfs(rootfs, "local/bookworm"));
       timed("docker build --target core", () =>
-        d.dockerOk(
+        builder.dockerOk(
           ["build", "--network", "host", "--target", WORKSPACE_TARGETS.core, "--build-arg", "BASE_IMAGE=local/bookworm", "-t", image, path.join(REPO, WORKSPACE_IMAGE_DIR)],
           { timeoutMs: 25 * 60_000 },
         ),
       );
+      timed("docker build (test layer: docker-compose)", () =>
+        builder.dockerOk(["build", "--network", "host", "-t", `${image}-compose`, "-"], {
+          input: `FROM ${image}\nRUN apt-get update && apt-get install -y --no-install-recommends docker-compose && rm -rf /var/lib/apt/lists/*\n`,
+          timeoutMs: 10 * 60_000,
+        }),
+      );
       timed("docker save (cache)", () => {
-        d.dockerOk(["save", "-o", `${cached}.tmp`, image], { timeoutMs: 600_000 });
+        builder.dockerOk(["save", "-o", `${cached}.tmp`, image, `${image}-compose`], { timeoutMs: 600_000 });
         fs.renameSync(`${cached}.tmp`, cached);
         // keep only the current image: older ones belong to build contexts that no longer exist
         for (const f of fs.readdirSync(TEST_CACHE)) {
-          if (/^workspace-core-.*\.tar$/.test(f) && path.join(TEST_CACHE, f) !== cached) fs.rmSync(path.join(TEST_CACHE, f), { force: true });
+          if (/^ws-core-compose-.*\.tar$/.test(f) && path.join(TEST_CACHE, f) !== cached) fs.rmSync(path.join(TEST_CACHE, f), { force: true });
         }
       });
+      builder.stop();
     }
+    timed("docker load (cached images)", () => d.dockerOk(["load", "-i", cached], { timeoutMs: 600_000 }));
+
+    // NVIDIA device nodes as the host has them (major 195; nvidia-uvm's major is dynamic: an unregistered one
+    // here). No driver: an open the device cgroup allows fails with ENXIO, one it denies with EPERM.
+    // under a remapping daemon runc bind-mounts each node from the host at its path inside: a unique dir in /dev
+    devDir = fs.mkdtempSync("/dev/ts-ws-");
+    fs.chmodSync(devDir, 0o755); // runc binds the nodes as the remapped root
+    scratch.onCleanup(() => fs.rmSync(devDir, { recursive: true, force: true }));
+    const uvmMajor = freeCharMajor();
+    const nodes: Record<string, string> = { nvidia0: "195 0", nvidia1: "195 1", nvidiactl: "195 255", "nvidia-modeset": "195 254", "nvidia-uvm": `${uvmMajor} 0`, "nvidia-uvm-tools": `${uvmMajor} 1` };
+    for (const [n, mm] of Object.entries(nodes)) sh("mknod", ["-m", "666", path.join(devDir, n), "c", ...mm.split(" ")]);
+    security = workspaceSecurity({ gpus: ALICE_GPUS, gpuCount: GPU_COUNT, devDir });
+    seccompFile = path.join(scratch.dir, "seccomp.json");
+    fs.writeFileSync(seccompFile, workspaceSeccompJson());
 
     // the user's storage, as users.sh/baseline.sh leave it: subvolumes, owner uid, shared caches setgid mlusers
     data = path.join(d.btrfs, "storage");
@@ -171,6 +229,8 @@ describe("workspace image (core target) in a private dockerd", () => {
     sh("btrfs", ["-q", "subvolume", "create", home]);
     sh("btrfs", ["-q", "subvolume", "create", path.join(data, "workspaces", USER)]);
     sh("btrfs", ["-q", "subvolume", "create", path.join(data, "docker-volumes", USER)]);
+    fs.chownSync(path.join(data, "docker-volumes", USER), UID, UID); // users.sh: 750 user:user
+    fs.chmodSync(path.join(data, "docker-volumes", USER), 0o750);
     for (const c of WORKSPACE_CACHE_MOUNTS) {
       const dir = path.join(data, "cache", c);
       fs.mkdirSync(dir);
@@ -212,6 +272,8 @@ describe("workspace image (core target) in a private dockerd", () => {
     password = `pw-${crypto.randomBytes(12).toString("base64url")}:x"y\\z`;
     pwFile = path.join(scratch.dir, "alice.password");
     fs.writeFileSync(pwFile, `${password}\n`, { mode: 0o400 });
+    // production uploads it into the container (owned by the container's root); a bind mount needs that owner
+    fs.chownSync(pwFile, REMAPPED_ROOT_UID, REMAPPED_ROOT_UID);
 
     port = await freePort();
     const mounts = workspaceMounts({
@@ -225,13 +287,13 @@ describe("workspace image (core target) in a private dockerd", () => {
       restoreSpool: spool,
     });
     runArgs = [
-      "--name", NAME, "--hostname", NAME, ...PRIVILEGED,
+      "--name", NAME, "--hostname", NAME, ...workspaceSecurityRunArgs(security, seccompFile),
       "--cpuset-cpus", LIMITS.cpuset, "--memory", `${LIMITS.memoryMb}m`, "--memory-reservation", `${LIMITS.reservationMb}m`,
       "--memory-swap", `${LIMITS.swapMb}m`, "--shm-size", `${LIMITS.shmMb}m`, "--stop-timeout", String(WORKSPACE_STOP_TIMEOUT_S),
       "-p", `127.0.0.1:${port}:${WORKSPACE_PORTS.ssh}`,
       ...Object.entries(workspaceEnv({ user: USER, uid: UID, sharedGid: SHARED_GID })).flatMap(([k, v]) => ["-e", `${k}=${v}`]),
       ...mounts.flatMap((m) => ["--mount", `type=bind,source=${m.source},target=${m.target}${m.readOnly ? ",readonly" : ""}`]),
-      image,
+      `${image}-compose`,
     ];
     timed("container start to all programs RUNNING", () => {
       d.dockerOk(["run", "-d", ...runArgs]);
@@ -248,7 +310,7 @@ describe("workspace image (core target) in a private dockerd", () => {
   test("the user exists with the host's uid/gid, in sudo, docker and the shared-cache group", () => {
     expect(exec(["id", USER]).stdout.trim()).toMatch(new RegExp(`^uid=${UID}\\(${USER}\\) gid=${UID}\\(${USER}\\) groups=.*`));
     const groups = exec(["id", "-Gn", USER]).stdout.trim().split(" ").sort();
-    expect(groups).toEqual([USER, "docker", "mlusers", "sudo"].sort());
+    expect(groups).toEqual([USER, "mlusers", "sudo"].sort());
     expect(exec(["getent", "group", "mlusers"]).stdout.trim()).toBe(`mlusers:x:${SHARED_GID}:${USER}`);
     expect(exec(["getent", "passwd", USER]).stdout.trim()).toBe(`${USER}:x:${UID}:${UID}::/home/${USER}:/bin/bash`);
   });
@@ -300,14 +362,58 @@ describe("workspace image (core target) in a private dockerd", () => {
     expect(bad.stdout.trim()).toBe("");
   });
 
-  test("Docker-in-Docker: the user talks to the inner dockerd, whose data is on the state mount", () => {
-    const r = ssh("docker info --format '{{.DockerRootDir}} {{.Driver}}'");
+  test("Docker inside: the user's own rootless daemon (DOCKER_HOST from /etc/environment), data on the state mount", () => {
+    const r = ssh("echo $DOCKER_HOST; docker info --format '{{.DockerRootDir}} {{.Driver}} {{json .SecurityOptions}}'");
     expect(r.stderr).toBe("");
-    expect(r.stdout.trim().split(" ")[0]).toBe(WORKSPACE_DIND_DATA_ROOT);
-    expect(fs.readdirSync(path.join(data, "docker-volumes", USER, "docker"))).toEqual(expect.arrayContaining(["image", "containers"]));
+    const [host, info] = r.stdout.trim().split("\n");
+    expect(host).toBe(`unix:///run/user/${UID}/docker.sock`);
+    expect(info.split(" ")[0]).toBe(WORKSPACE_DIND_DATA_ROOT);
+    expect(info).toContain("rootless");
+    // the daemon runs as the user: no root dockerd, no /var/run/docker.sock
+    expect(exec(["sh", "-c", "ps -o user= -C dockerd | sort -u"]).stdout.trim()).toBe(USER);
+    expect(exec(["test", "-e", "/var/run/docker.sock"]).status).not.toBe(0);
+    const root = path.join(data, "docker-volumes", USER, path.basename(WORKSPACE_DIND_DATA_ROOT));
+    expect(fs.statSync(root).uid).toBe(UID);
+    expect(fs.readdirSync(root)).toEqual(expect.arrayContaining(["image", "containers"]));
   });
 
-  test("the limits read back exactly through docker inspect; privileged for DinD", () => {
+  test("as the user: docker run of a local image, docker build, docker-compose up; nested containers stay in the workspace's cpuset and memory limit", () => {
+    const t = Date.now();
+    const imp = spawnSync("bash", ["-c", `set -o pipefail; tar -C "$1" -c . | ssh -i "$2" -p "$3" -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR ${USER}@127.0.0.1 docker import - local/base`,
+      "_", ensureDebootstrapRootfs(BOOKWORM_MINBASE), key, String(port)], { encoding: "utf8", timeout: 300_000 });
+    expect(imp.stderr).toBe("");
+    expect(imp.status).toBe(0);
+    timings["docker import in the workspace"] = (Date.now() - t) / 1000;
+    // run: root in the nested container is the user on the host side, limits are the workspace's own
+    const run = ssh("docker run --rm local/base sh -c 'cat /proc/self/uid_map; grep Cpus_allowed_list /proc/self/status; cat /sys/fs/cgroup/memory/memory.limit_in_bytes'");
+    expect(run.stderr).toBe("");
+    const [map0, map1, cpus, mem] = run.stdout.trim().split("\n").map((l) => l.trim().split(/\s+/).join(" "));
+    expect(map0).toBe(`0 ${UID} 1`);
+    expect(map1).toBe(`1 ${UID * 65536} 65536`);
+    expect(cpus).toBe(`Cpus_allowed_list: ${LIMITS.cpuset}`);
+    expect(mem).toBe(String(LIMITS.memoryMb * 2 ** 20));
+    // the limit holds: a nested container that takes more than limit + swap is killed, the workspace lives on
+    const big = ssh(`docker run --rm local/base sh -c 'head -c ${LIMITS.swapMb + 300}m /dev/zero | tail >/dev/null && echo survived'`);
+    expect(big.stdout).not.toContain("survived");
+    expect(big.status).toBe(137);
+    expect(exec(["supervisorctl", "-c", "/etc/supervisor/supervisord.conf", "status", "dockerd"]).stdout).toMatch(/RUNNING/);
+    // build (legacy builder, as on the server's Docker 20.10) and compose, in the user's /workspace
+    const proj = path.join(data, "workspaces", USER, "proj");
+    fs.mkdirSync(proj, { recursive: true });
+    fs.writeFileSync(path.join(proj, "Dockerfile"), 'FROM local/base\nRUN echo built-inside > /built\nCMD ["cat", "/built"]\n');
+    fs.writeFileSync(path.join(proj, "docker-compose.yml"),
+      'services:\n  web:\n    image: local/built\n  probe:\n    image: local/base\n    command: ["sh", "-c", "getent hosts web >/dev/null && echo probe-resolved-web"]\n');
+    sh("chown", ["-R", `${UID}:${UID}`, path.join(data, "workspaces", USER)]);
+    const b = ssh("set -e; cd /workspace/proj; DOCKER_BUILDKIT=0 docker build -q -t local/built . >/dev/null; docker run --rm local/built; " +
+      "docker-compose --no-ansi up --abort-on-container-exit 2>&1; docker-compose down >/dev/null 2>&1");
+    expect(b.stdout).toMatch(/^built-inside$/m);
+    expect(b.stdout).toMatch(/web_1\s*\|\s*built-inside/);
+    expect(b.stdout).toMatch(/probe_1\s*\|\s*probe-resolved-web/);
+    fs.rmSync(proj, { recursive: true });
+    timings["import+run+build+compose"] = (Date.now() - t) / 1000;
+  });
+
+  test("the limits and the confinement read back exactly through docker inspect; not privileged", () => {
     const hc = JSON.parse(d.dockerOk(["inspect", "--format", "{{json .HostConfig}}", NAME]));
     expect({
       CpusetCpus: hc.CpusetCpus,
@@ -316,17 +422,133 @@ describe("workspace image (core target) in a private dockerd", () => {
       MemorySwap: hc.MemorySwap,
       ShmSize: hc.ShmSize,
       Privileged: hc.Privileged,
+      SecurityOpt: hc.SecurityOpt,
+      CapAdd: hc.CapAdd ?? [],
+      Devices: hc.Devices,
     }).toEqual({
       CpusetCpus: LIMITS.cpuset,
       Memory: LIMITS.memoryMb * 2 ** 20,
       MemoryReservation: LIMITS.reservationMb * 2 ** 20,
       MemorySwap: LIMITS.swapMb * 2 ** 20,
       ShmSize: LIMITS.shmMb * 2 ** 20,
-      Privileged: PRIVILEGED.includes("--privileged"),
+      Privileged: false,
+      // what components/workspace.ts sends (the CLI sent the profile file's compact JSON); Docker keeps
+      // systempaths=unconfined as empty masked/read-only path lists instead (checked below)
+      SecurityOpt: security.securityOpts.filter((o) => o !== "systempaths=unconfined"),
+      CapAdd: [],
+      Devices: security.devices.map((x) => ({ PathOnHost: x.hostPath, PathInContainer: x.containerPath, CgroupPermissions: x.permissions })),
     });
-    expect(WORKSPACE_PRIVILEGED).toBe(true);
+    expect([hc.MaskedPaths, hc.ReadonlyPaths]).toEqual([[], []]);
+    expect(security.devices.map((x) => x.containerPath)).toEqual(["/dev/net/tun", `${devDir}/nvidia1`, ...NVIDIA_CONTROL_NODES.map((n) => `${devDir}/${n}`)]);
     expect(exec(["cat", "/sys/fs/cgroup/cpuset/cpuset.cpus"]).stdout.trim()).toBe(LIMITS.cpuset);
     expect(exec(["cat", "/sys/fs/cgroup/memory/memory.limit_in_bytes"]).stdout.trim()).toBe(String(LIMITS.memoryMb * 2 ** 20));
+  });
+
+  test("GPU pinning: alice (GPU 1 of 2) opens GPU 1 and the control nodes (ENXIO: allowed, no driver), never GPU 0 (EPERM), in the workspace and nested", () => {
+    // nodes the host puts into alice's /workspace: visible inside, so only the device cgroup decides
+    const ws = path.join(data, "workspaces", USER);
+    sh("mknod", ["-m", "666", path.join(ws, "gpu0-node"), "c", "195", "0"]);
+    sh("mknod", ["-m", "666", path.join(ws, "gpu1-node"), "c", "195", "1"]);
+    const asUser = (node: string) => openResult(ssh(openCmd(node)).stdout);
+    const asRoot = (node: string) => openResult(exec(["bash", "-c", openCmd(node)]).stdout);
+    const nested = (node: string, opts: string) => openResult(ssh(`docker run --rm ${opts} local/base ${openCmd(node)}`).stdout);
+    const table: Array<[string, string, string]> = [];
+    const row = (who: string, node: string, got: string, want: string) => {
+      table.push([who, node, got]);
+      expect(`${who} ${node}: ${got}`).toBe(`${who} ${node}: ${want}`);
+    };
+    for (const n of ["nvidia1", ...NVIDIA_CONTROL_NODES]) {
+      row("alice, workspace", `/dev/${n}`, asUser(`${devDir}/${n}`), "ENXIO");
+      row("alice, nested (--device)", `/dev/${n}`, nested(`${devDir}/${n}`, `--device ${devDir}/${n}`), "ENXIO");
+    }
+    row("alice, workspace", "/dev/nvidia0", ssh(`test -e ${devDir}/nvidia0 && echo present || echo absent`).stdout.trim(), "absent");
+    row("alice, nested (--device)", "/dev/nvidia0", openResult(ssh(`docker run --rm --device ${devDir}/nvidia0 local/base true 2>&1; true`).stdout), "ENOENT");
+    row("alice, workspace", "195:0 (host-made node)", asUser("/workspace/gpu0-node"), "EPERM");
+    row("alice, workspace", "195:1 (host-made node)", asUser("/workspace/gpu1-node"), "ENXIO");
+    row("root (sudo), workspace", "/dev/nvidia1", asRoot(`${devDir}/nvidia1`), "ENXIO");
+    row("root (sudo), workspace", "195:0 (host-made node)", asRoot("/workspace/gpu0-node"), "EPERM");
+    row("root (sudo), workspace", "mknod c 195 0", openResult(exec(["bash", "-c", "mknod /tmp/nv0 c 195 0 2>&1; true"]).stdout), "EPERM");
+    row("alice, nested (-v /workspace)", "195:0 (host-made node)", nested("/w/gpu0-node", "-v /workspace:/w"), "EPERM");
+    row("alice, nested (-v /workspace)", "195:1 (host-made node)", nested("/w/gpu1-node", "-v /workspace:/w"), "ENXIO");
+    // every capability and no seccomp in the nested container: still the workspace's device cgroup
+    const allCaps = "--cap-add ALL --security-opt seccomp=unconfined";
+    row("alice, nested (all caps)", "195:0 (host-made node)", nested("/w/gpu0-node", `${allCaps} -v /workspace:/w`), "EPERM");
+    row("alice, nested (all caps)", "mknod c 195 0", openResult(ssh(`docker run --rm ${allCaps} local/base sh -c 'mknod /n c 195 0' 2>&1; true`).stdout), "EPERM");
+
+    // carol has "all": a second workspace with the options rendered for her
+    const carol = { name: "carol", uid: 1236 };
+    const cname = "workspace-carol";
+    for (const sub of ["homes", "workspaces", "docker-volumes"]) {
+      const dir = path.join(data, sub, carol.name);
+      sh("btrfs", ["-q", "subvolume", "create", dir]);
+      fs.chownSync(dir, carol.uid, carol.uid);
+    }
+    const carolPw = path.join(scratch.dir, "carol.password");
+    fs.writeFileSync(carolPw, "carol-pw\n", { mode: 0o400 });
+    fs.chownSync(carolPw, REMAPPED_ROOT_UID, REMAPPED_ROOT_UID);
+    const carolSec = workspaceSecurity({ gpus: "all", gpuCount: GPU_COUNT, devDir });
+    expect(carolSec.devices.map((x) => x.containerPath)).toEqual(["/dev/net/tun", ...["nvidia0", "nvidia1", ...NVIDIA_CONTROL_NODES].map((n) => `${devDir}/${n}`)]);
+    const carolMounts = workspaceMounts({
+      user: carol.name, home: path.join(data, "homes", carol.name), scratch: path.join(data, "workspaces", carol.name),
+      state: path.join(data, "docker-volumes", carol.name), cacheRoot: path.join(data, "cache"), passwordFile: carolPw,
+    });
+    d.dockerOk(["run", "-d", "--name", cname, ...workspaceSecurityRunArgs(carolSec, seccompFile),
+      ...Object.entries(workspaceEnv({ user: carol.name, uid: carol.uid, sharedGid: SHARED_GID })).flatMap(([k, v]) => ["-e", `${k}=${v}`]),
+      ...carolMounts.flatMap((m) => ["--mount", `type=bind,source=${m.source},target=${m.target}${m.readOnly ? ",readonly" : ""}`]), image]);
+    try {
+      for (let i = 0; i < 100 && d.docker(["exec", cname, "id", carol.name]).status !== 0; i++) sleep(0.2);
+      for (const n of ["nvidia0", "nvidia1", ...NVIDIA_CONTROL_NODES]) {
+        row("carol (all), workspace", `/dev/${n}`, openResult(d.docker(["exec", "-u", carol.name, cname, "bash", "-c", openCmd(`${devDir}/${n}`)]).stdout), "ENXIO");
+      }
+    } finally {
+      d.docker(["rm", "-f", cname], { timeoutMs: 120_000 });
+    }
+    fs.rmSync(path.join(ws, "gpu0-node"));
+    fs.rmSync(path.join(ws, "gpu1-node"));
+    console.log(["device-open results (user × node × where):", "| who, where | node | open |", "|---|---|---|", ...table.map((r) => `| ${r.join(" | ")} |`)].join("\n"));
+  });
+
+  test("sudo in the workspace is not root on the host (each attempt as root inside, also from a new user namespace)", () => {
+    // root by sudo has exactly the capabilities of `docker exec` root: Docker's default set, nothing more
+    const caps = (r: { stdout: string }) => /^CapEff:\s*(\S+)$/m.exec(r.stdout)?.[1];
+    expect(caps(ssh("sudo -S -p '' cat /proc/self/status", `${password}\n`))).toBe(caps(exec(["cat", "/proc/self/status"])));
+    expect(caps(exec(["cat", "/proc/self/status"]))).toBe("00000000a80425fb"); // Docker's default capabilities
+    const [major, minor] = fs.readFileSync("/proc/self/mountinfo", "utf8").split("\n").map((l) => l.split(" ")).find((f) => f[4] === "/")![2].split(":");
+    const ws = path.join(data, "workspaces", USER);
+    // the host's root disk as a node in the user's /workspace, made by the host (root inside cannot mknod)
+    sh("mknod", [path.join(ws, "hostdisk"), "b", major, minor]);
+    const mod = (nr: number) => `python3 -c 'import ctypes,os; l=ctypes.CDLL(None,use_errno=True); fd=os.open("/etc/hostname",os.O_RDONLY); r=l.syscall(${nr},fd,b"",0); print("syscall", r, os.strerror(ctypes.get_errno()))'`;
+    const sysctl = "v=$(cat /proc/sys/kernel/printk_ratelimit); echo $v > /proc/sys/kernel/printk_ratelimit && echo WROTE-HOST-SYSCTL";
+    const cases: Array<[string, string, RegExp]> = [
+      ["no block device in /dev", "find /dev -type b | wc -l", /^0$/m],
+      ["mknod a disk node", "mknod /tmp/vda b 254 0", /Operation not permitted/],
+      ["open the host's root disk (node made by the host)", "exec 3</workspace/hostdisk", /Operation not permitted/],
+      ["mount the host's root disk", "mount -o ro /workspace/hostdisk /mnt", /permission denied|Operation not permitted|must be superuser/i],
+      ["mount a tmpfs", "mount -t tmpfs t /mnt", /permission denied|Operation not permitted|must be superuser/i],
+      ["a loop device", "losetup -f", /cannot find an unused loop device|No such file|Permission denied/],
+      ["load a kernel module (finit_module)", mod(313), /syscall -1 Operation not permitted/],
+      ["load a kernel module (init_module)", mod(175), /syscall -1 Operation not permitted/],
+      ["see other users' homes", "ls /home; grep -c ' /home/' /proc/self/mountinfo", /^alice\n1$/m],
+      ["reach the host's Docker socket", `ls /var/run/docker.sock ${d.sock} 2>&1 | grep -c 'No such file'`, /^2$/m],
+      ["add a network link", "ip link add tsx0 type dummy", /Operation not permitted/],
+      ["read or change iptables", "iptables -S", /Permission denied|Operation not permitted/],
+      ["write a host sysctl (/proc/sys is writable: systempaths=unconfined)", sysctl, /Permission denied/],
+      ["sysrq / kcore", "echo h >/proc/sysrq-trigger; head -c1 /proc/kcore", /(No such file|Permission denied|Operation not permitted)[\s\S]*(No such file|Permission denied|Operation not permitted)/],
+      ["unshare -r: mount the host's disk", "unshare -r mount -o ro /workspace/hostdisk /mnt", /permission denied|Operation not permitted|must be superuser/i],
+      ["unshare -r: load a kernel module", `unshare -r ${mod(313)}`, /syscall -1 Operation not permitted/],
+      ["unshare -r: add a link to the workspace's network", "unshare -r ip link add tsx1 type dummy", /Operation not permitted/],
+      ["unshare -r: write a host sysctl", `unshare -r bash -c '${sysctl}'`, /Permission denied/],
+    ];
+    const results: string[] = [];
+    for (const [what, cmd, want] of cases) {
+      const r = exec(["bash", "-c", `${cmd} 2>&1`]);
+      const out = (r.stdout + r.stderr).trim();
+      results.push(`| ${what} | ${out.split("\n").slice(-1)[0].slice(0, 90)} |`);
+      expect({ what, out }).toEqual({ what, out: expect.stringMatching(want) });
+      expect(out).not.toContain("WROTE-HOST-SYSCTL");
+    }
+    fs.rmSync(path.join(ws, "hostdisk"));
+    console.log(["root in the workspace (negative tests):", "| attempt | result |", "|---|---|", ...results].join("\n"));
   });
 
   test("the password is in no container env, no log line and no process environment", () => {

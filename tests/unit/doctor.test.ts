@@ -233,7 +233,7 @@ describe("GPU", () => {
 
 describe("Docker", () => {
   test("docker.daemon", () => {
-    expect(at({}, "docker.daemon")).toBe("ok Docker 20.10.24+dfsg1, btrfs, data root /mnt/storage/docker-data");
+    expect(at({}, "docker.daemon")).toBe("ok Docker 20.10.24+dfsg1, btrfs, data root /mnt/storage/docker-data/4200000000.4200000000");
     expect(at({ "docker.rc": "1", "docker.info": "Cannot connect to the Docker daemon" }, "docker.daemon")).toMatch(/^fail docker info fails: Cannot connect/);
     expect(at({ "docker.info": "24.0.7 overlay2 /var/lib/docker" }, "docker.daemon")).toMatch(/^fail Docker 24\.0\.7 uses overlay2 in \/var\/lib\/docker, not btrfs/);
   });

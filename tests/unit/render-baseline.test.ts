@@ -66,7 +66,7 @@ describe("renderFail2banJail", () => {
 });
 
 describe("renderDockerDaemonJson", () => {
-  test("data on the array, btrfs driver, rotated logs, live-restore; no nvidia runtime without GPUs", () => {
+  test("data on the array, btrfs driver, rotated logs, live-restore, user-namespace remapping; no nvidia runtime without GPUs", () => {
     expect(JSON.parse(renderDockerDaemonJson(params))).toEqual({
       "data-root": "/mnt/storage/docker-data",
       "storage-driver": "btrfs",
@@ -74,6 +74,7 @@ describe("renderDockerDaemonJson", () => {
       "log-opts": { "max-size": "50m", "max-file": "5" },
       "live-restore": true,
       "exec-opts": ["native.cgroupdriver=systemd"],
+      "userns-remap": "dockremap",
     });
   });
   test("adds the nvidia runtime when there are GPUs", () => {
@@ -110,7 +111,7 @@ describe("firewall", () => {
 describe("renderBaselineFiles", () => {
   test("the file names baseline.sh reads; the NVIDIA apt source only with GPUs", () => {
     expect(Object.keys(renderBaselineFiles(params)).sort()).toEqual(
-      ["daemon.json", "docker-service.conf", "fail2ban-jail.conf", "sshd.conf", "trainws.slice", "ufw-docker-user.rules", "ufw-rules"],
+      ["apparmor-train-server-workspace", "daemon.json", "docker-service.conf", "fail2ban-jail.conf", "sshd.conf", "subid-dockremap", "trainws.slice", "ufw-docker-user.rules", "ufw-rules"],
     );
     const gpu = renderBaselineFiles({ ...params, gpuCount: 1 });
     expect(Object.keys(gpu).filter((k) => !(k in renderBaselineFiles(params))).sort()).toEqual(["nvidia-container-toolkit.list", "nvidia-dev-char.rules", "ts-nvidia-dev-char.service"]);

@@ -293,7 +293,10 @@ describe("image files agree with the contract in components/render/workspace-ima
     for (const k of keys) expect(k.startsWith(`${WORKSPACE_STATE_DIR}/ssh/`)).toBe(true);
     expect(sshd).toMatch(/^PasswordAuthentication no$/m);
     expect(sshd).toMatch(/^PermitRootLogin no$/m);
-    expect(read("supervisor/dockerd.conf")).toContain(`--data-root=${WORKSPACE_DIND_DATA_ROOT} `);
+    expect(read("supervisor/dockerd.conf")).toMatch(new RegExp(`^command=/usr/local/bin/workspace-dockerd --data-root=${WORKSPACE_DIND_DATA_ROOT}$`, "m"));
+    // the user's own daemon, run as the user (supervisord expands the container's environment)
+    expect(read("supervisor/dockerd.conf")).toMatch(/^user=%\(ENV_WORKSPACE_USER\)s$/m);
+    expect(read("supervisor/dockerd.conf")).toContain('XDG_RUNTIME_DIR="/run/user/%(ENV_WORKSPACE_UID)s"');
     expect(read("supervisor/code-server.conf")).toContain(`0.0.0.0:${WORKSPACE_PORTS.codeServer}`);
     expect(read("supervisor/jupyter.conf")).toContain(`--port=${WORKSPACE_PORTS.jupyter}`);
   });
