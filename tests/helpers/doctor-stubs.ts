@@ -39,7 +39,7 @@ export const TELEGRAM_RECORD = `${STUB_DIR}/rec/telegram.jsonl`;
 export function startContainerRig(scratch: Scratch, opts: RigOptions = {}): Rig {
   // runc gives every container its own session keyring: allow the keyring calls nspawn's filter denies
   const rig = Rig.start(scratch, { ...opts, nspawnArgs: [...(opts.nspawnArgs ?? []), "--system-call-filter=@keyring"] });
-  const parent = `ts-doctor-${process.pid}`;
+  const parent = cgroupParent();
   scratch.onCleanup(() => {
     // once the rig (and every container in its PID namespace) is gone, our cgroups are empty
     rig.stop();
@@ -52,9 +52,12 @@ export function startContainerRig(scratch: Scratch, opts: RigOptions = {}): Rig 
   return rig;
 }
 
-/** The cgroup parent of this test's containers (under each hierarchy's root). */
+/**
+ * The cgroup parent of this test's containers: a systemd slice of the rig's systemd, since the baseline's daemon.json
+ * pins Docker's systemd cgroup driver as on a real host (no dash in the name: systemd would nest it under ts.slice).
+ */
 export function cgroupParent(): string {
-  return `/ts-doctor-${process.pid}`;
+  return `tsdoctor${process.pid}.slice`;
 }
 
 type Answer = [number, string, string];

@@ -112,7 +112,7 @@ describe("the recorded healthy rig", () => {
     for (const c of checks) if (c.status === "warn" || c.status === "fail") expect(c.fix).toBeTruthy();
     const text = formatReport("header", checks);
     expect(text.split("\n")[0]).toBe("header");
-    expect(text).toMatch(/^  ok {4}storage\.devices +2 of 2 devices present, none missing \(\/dev\/loop1 \/dev\/loop2\)$/m);
+    expect(text).toMatch(/^  ok {4}storage\.devices +2 of 2 devices present, none missing \(\/dev\/loop0 \/dev\/loop1\)$/m);
     expect(text).toMatch(/^  warn  network\.tunnel .*\n {6} +fix: /m);
     expect(text.split("\n").pop()).toBe(`${checks.filter((c) => c.status === "ok").length} ok, 1 warn, 0 fail, 3 skip: healthy (exit 0)`);
   });
@@ -125,11 +125,11 @@ describe("host and storage", () => {
   });
 
   test("storage.mount: by UUID from fstab, else why not", () => {
-    expect(at({}, "storage.mount")).toMatch(/^ok \/mnt\/storage: btrfs "train-rig" UUID a69710e3-.* in \/etc\/fstab by UUID$/);
+    expect(at({}, "storage.mount")).toMatch(/^ok \/mnt\/storage: btrfs "train-rig" UUID 92631a4f-.* in \/etc\/fstab by UUID$/);
     expect(at({ "storage.mounted": "0" }, "storage.mount")).toMatch(/^fail \/mnt\/storage is not mounted/);
     expect(at({ "storage.mount": "ext4 /dev/sdz1 rw" }, "storage.mount")).toMatch(/^fail \/mnt\/storage has a ext4 filesystem/);
     expect(at({ "storage.label": "other" }, "storage.mount")).toMatch(/^fail .*holds btrfs "other", not the array labelled "train-rig"/);
-    expect(at({ "storage.fstab": "/dev/loop1" }, "storage.mount")).toMatch(/^fail .*fstab mounts it from "\/dev\/loop1", not UUID=a69710e3/);
+    expect(at({ "storage.fstab": "/dev/loop1" }, "storage.mount")).toMatch(/^fail .*fstab mounts it from "\/dev\/loop1", not UUID=92631a4f/);
     // not mounted: the array's own checks say why they did not run
     expect(at({ "storage.mounted": "0", "storage.mount": "" }, "storage.devices")).toMatch(/^skip .*not mounted/);
   });
@@ -140,7 +140,7 @@ describe("host and storage", () => {
     );
     // btrfs filesystem show's own marker counts too (no sysfs devinfo)
     expect(at({ "storage.devices_missing": undefined, "storage.show_missing": "1" }, "storage.devices")).toMatch(/^fail the array is DEGRADED: 1 of 2/);
-    expect(at({ "storage.device.1": "absent" }, "storage.devices")).toMatch(/^fail storage\.devices lists \/dev\/loop2, which the server does not have/);
+    expect(at({ "storage.device.1": "absent" }, "storage.devices")).toMatch(/^fail storage\.devices lists \/dev\/loop1, which the server does not have/);
     expect(at({ "storage.total_devices": "3" }, "storage.devices")).toMatch(/^fail the array has 3 devices .*storage\.devices lists 2/);
   });
 
@@ -165,22 +165,22 @@ describe("host and storage", () => {
     const cached = parseConfig(rigRaw((r) => (r.storage.cache = { device: "/dev/nvme0n1p4", mode: "writeback" })));
     const o = { config: cached };
     expect(at({ "bcache.0": "writeback clean 0.0k", "bcache.1": "writeback dirty 12.3M" }, "storage.bcache", o)).toBe(
-      "ok writeback on 2 device(s), /dev/nvme0n1p4; dirty data: /dev/loop1 clean 0.0k, /dev/loop2 dirty 12.3M",
+      "ok writeback on 2 device(s), /dev/nvme0n1p4; dirty data: /dev/loop0 clean 0.0k, /dev/loop1 dirty 12.3M",
     );
-    expect(at({ "bcache.0": "writethrough clean 0.0k", "bcache.1": "writeback clean 0.0k" }, "storage.bcache", o)).toMatch(/^fail \/dev\/loop1 caches in writethrough, not writeback/);
-    expect(at({ "bcache.0": "writeback no cache", "bcache.1": "writeback clean 0.0k" }, "storage.bcache", o)).toMatch(/^fail \/dev\/loop1 is detached from its cache/);
-    expect(at({ "bcache.0": "none", "bcache.1": "writeback clean 0.0k" }, "storage.bcache", o)).toMatch(/^fail \/dev\/loop1 is not behind bcache/);
+    expect(at({ "bcache.0": "writethrough clean 0.0k", "bcache.1": "writeback clean 0.0k" }, "storage.bcache", o)).toMatch(/^fail \/dev\/loop0 caches in writethrough, not writeback/);
+    expect(at({ "bcache.0": "writeback no cache", "bcache.1": "writeback clean 0.0k" }, "storage.bcache", o)).toMatch(/^fail \/dev\/loop0 is detached from its cache/);
+    expect(at({ "bcache.0": "none", "bcache.1": "writeback clean 0.0k" }, "storage.bcache", o)).toMatch(/^fail \/dev\/loop0 is not behind bcache/);
   });
 
   test("storage.space against alerts.fsUsedPercent (90): ok, warn within 10 points, fail at it", () => {
-    expect(at({}, "storage.space")).toBe("ok 16.5 % used, 427.7 MiB free of 512.0 MiB (alert at 90 %)");
+    expect(at({}, "storage.space")).toBe("ok 16.5 % used, 427.6 MiB free of 512.0 MiB (alert at 90 %)");
     expect(at({ "storage.space": "1000 150" }, "storage.space")).toMatch(/^warn 85\.0 % used/);
     expect(at({ "storage.space": "1000 50" }, "storage.space")).toMatch(/^fail 95\.0 % used/);
     expect(at({ "storage.space": "" }, "storage.space")).toMatch(/^warn df could not read/);
   });
 
   test("storage.scrub: the last scrub's result and age", () => {
-    expect(at({}, "storage.scrub")).toMatch(/^ok the last scrub passed 29 s ago, no errors \(btrfs scrub status: .*no errors found\)$/);
+    expect(at({}, "storage.scrub")).toMatch(/^ok the last scrub passed 25 s ago, no errors \(btrfs scrub status: .*no errors found\)$/);
     expect(at(taskAbsent("scrub"), "storage.scrub")).toMatch(/^warn no scrub has run yet \(monthly, day 15 at 03:00\)/);
     const errs = { [metricKey("train_server_btrfs_scrub_errors", 'type="csum"')]: 'train_server_btrfs_scrub_errors{type="csum"} 4' };
     expect(at({ ...taskChange("scrub", { success: 0 }), ...errs }, "storage.scrub")).toMatch(/^fail the last scrub \(2026-12-01T\d\d:\d\d:\d\dZ\) failed: 4 csum error\(s\)/);
@@ -283,7 +283,7 @@ describe("network", () => {
     expect(at({ "route.grafana": "404\t<!doctype html>Not Found" }, "network.route.grafana")).toMatch(/^ok .*HTTP 404/);
     expect(at({ "route.grafana": "404\t404 page not found" }, "network.route.grafana")).toBe("fail Traefik has no router for grafana.rig.example.com (404)");
     expect(at({ "route.grafana": "502\tBad Gateway" }, "network.route.grafana")).toBe("fail Traefik answers 502 for grafana.rig.example.com: its backend grafana:3000 does not");
-    expect(at({ "route.grafana": "none" }, "network.route.grafana")).toMatch(/^fail Traefik on 10\.77\.148\.2:80 does not answer/);
+    expect(at({ "route.grafana": "none" }, "network.route.grafana")).toMatch(/^fail Traefik on 10\.77\.117\.2:80 does not answer/);
   });
 
   test("network.access: skipped with the reason, else one line per published hostname", () => {
@@ -369,25 +369,25 @@ describe("monitoring", () => {
 
 describe("backups and ops", () => {
   test("backup.snapshots: the newest btrbk snapshot within its hourly schedule", () => {
-    expect(at({}, "backup.snapshots")).toBe("ok newest 33 s ago; docker-volumes 2, homes 2");
+    expect(at({}, "backup.snapshots")).toBe("ok newest 29 s ago; docker-volumes 2, homes 2");
     expect(at({ "snapshots.homes": `2 ${NOW - 5 * HOUR}`, "snapshots.docker-volumes": `2 ${NOW - 5 * HOUR}` }, "backup.snapshots")).toBe("fail the newest snapshot is 5.0 h old (hourly)");
     expect(at(taskChange("snapshot", { success: 0 }), "backup.snapshots")).toMatch(/^fail the last snapshot run \(.*\) failed/);
     expect(at({ "snapshots.homes": undefined, "snapshots.docker-volumes": undefined, ...taskAbsent("snapshot") }, "backup.snapshots")).toBe("warn no snapshot yet (hourly)");
     expect(at({ "snapshots.homes": undefined, "snapshots.docker-volumes": undefined }, "backup.snapshots")).toBe("fail no snapshot under /mnt/storage/.snapshots");
     // no birth time on this filesystem: the snapshot job's last success stands in
-    expect(at({ "snapshots.homes": "2 0", "snapshots.docker-volumes": "2 0" }, "backup.snapshots")).toMatch(/^ok newest 29 s ago/);
+    expect(at({ "snapshots.homes": "2 0", "snapshots.docker-volumes": "2 0" }, "backup.snapshots")).toMatch(/^ok newest 25 s ago/);
   });
 
   test("backup.job: the last backup succeeded within alerts.backupMaxAgeHours", () => {
-    expect(at({}, "backup.job")).toBe("ok the last backup succeeded 23 s ago (2 files, 4.99 KiB added)");
+    expect(at({}, "backup.job")).toBe("ok the last backup succeeded 18 s ago (2 files, 4.98 KiB added)");
     expect(at(taskChange("backup", { lastSuccess: NOW - 30 * HOUR, lastRun: NOW - 30 * HOUR }), "backup.job")).toBe("fail the last successful backup is 30.0 h old (alerts.backupMaxAgeHours 26)");
-    expect(at(taskChange("backup", { success: 0 }), "backup.job")).toMatch(/^fail the last backup \(.*\) failed; last success 23 s ago/);
+    expect(at(taskChange("backup", { success: 0 }), "backup.job")).toMatch(/^fail the last backup \(.*\) failed; last success 18 s ago/);
     expect(at(taskAbsent("backup"), "backup.job")).toBe("warn no backup has run yet (daily at 06:00)");
   });
 
   test("backup.restic: the repository's newest snapshot, read from the server", () => {
-    expect(at({}, "backup.restic")).toBe("ok 1 snapshot(s) in rclone:gdrive:train-server/restic, newest 25 s ago");
-    expect(at({ "restic.snapshots": "8 2026-11-29T06:00:03Z" }, "backup.restic")).toMatch(/^fail the newest restic snapshot in rclone:gdrive:train-server\/restic is 54\.2 h old \(alerts\.backupMaxAgeHours 26\); 8 snapshot\(s\)$/);
+    expect(at({}, "backup.restic")).toBe("ok 1 snapshot(s) in rclone:gdrive:train-server/restic, newest 21 s ago");
+    expect(at({ "restic.snapshots": "8 2026-11-29T06:00:03Z" }, "backup.restic")).toMatch(/^fail the newest restic snapshot in rclone:gdrive:train-server\/restic is 55\.6 h old \(alerts\.backupMaxAgeHours 26\); 8 snapshot\(s\)$/);
     expect(at({ "restic.snapshots": undefined, "restic.error": "Fatal: wrong password or no key found" }, "backup.restic")).toBe(
       "fail cannot list rclone:gdrive:train-server/restic: Fatal: wrong password or no key found",
     );
@@ -396,7 +396,7 @@ describe("backups and ops", () => {
   });
 
   test("backup.verify: the last restore verification passed", () => {
-    expect(at({}, "backup.verify")).toBe("ok the last restore verification passed 21 s ago (2 files restored and compared, repository check ok)");
+    expect(at({}, "backup.verify")).toBe("ok the last restore verification passed 16 s ago (2 files restored and compared, repository check ok)");
     const mism = { [metricKey("train_server_verify_mismatches", "")]: "train_server_verify_mismatches{} 3" };
     expect(at({ ...taskChange("verify-restore", { success: 0 }), ...mism }, "backup.verify")).toMatch(/^fail the last restore verification \(.*\) FAILED: 3 mismatching file\(s\), repository check ok$/);
     expect(at(taskAbsent("verify-restore"), "backup.verify")).toBe("warn no restore verification has run yet (monthly, day 1 at 08:00)");
@@ -404,7 +404,7 @@ describe("backups and ops", () => {
   });
 
   test("backup.data-sync (only with dataSync enabled)", () => {
-    expect(at({}, "backup.data-sync")).toBe("ok the last data sync (gcs:rig-bucket → gdrive:gcs-mirror) succeeded 21 s ago");
+    expect(at({}, "backup.data-sync")).toBe("ok the last data sync (gcs:rig-bucket → gdrive:gcs-mirror) succeeded 16 s ago");
     expect(at(taskChange("data-sync", { success: 0 }), "backup.data-sync")).toMatch(/^fail the last data sync \(.*\) failed$/);
     expect(at(taskChange("data-sync", { lastSuccess: NOW - 50 * HOUR }), "backup.data-sync")).toBe("fail the last successful data sync is 50.0 h old (daily)");
     expect(at(taskAbsent("data-sync"), "backup.data-sync")).toBe("warn no data sync has run yet (daily at 04:00)");
@@ -420,8 +420,8 @@ describe("backups and ops", () => {
 
 describe("users", () => {
   test("user.<name>.ssh: the workspace's SSH port answers", () => {
-    expect(at({}, "user.alice.ssh")).toBe("ok port 2222 on 10.77.148.2 answers (SSH-2.0-OpenSSH_9.6p1 doctor-stub)");
-    expect(at({ "user.bob.ssh": "none" }, "user.bob.ssh")).toBe("fail port 2223 on 10.77.148.2 does not answer with SSH (none)");
+    expect(at({}, "user.alice.ssh")).toBe("ok port 2222 on 10.77.117.2 answers (SSH-2.0-OpenSSH_9.6p1 doctor-stub)");
+    expect(at({ "user.bob.ssh": "none" }, "user.bob.ssh")).toBe("fail port 2223 on 10.77.117.2 does not answer with SSH (none)");
   });
 
   test("user.<name>.web: code-server, Jupyter and TensorBoard through Traefik", () => {
