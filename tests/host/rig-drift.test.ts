@@ -20,7 +20,8 @@ jest.setTimeout(900_000);
 const MP = "/mnt/storage";
 const PROM = "/var/lib/prometheus/node-exporter/train_server_drift-check.prom";
 const RULES = "/etc/train-server/prometheus/rules/train-server-ops.rules.yml";
-const STEPS = ["server-storage", "server-ops", "server-users", "server-baseline", "server-services-data-dirs"];
+// the users' rollout guards are steps too: they only look, so their checks name no item
+const STEPS = ["server-storage", "server-ops", "server-users", "server-baseline", "server-services-data-dirs", "server-ws-alice-guard", "server-ws-bob-guard"];
 
 describe("RIG DRIFT: hand edits on a converged rig are found by the steps' own checks and alerted on", () => {
   const scratch = new Scratch("ts-rig-drift-");
@@ -120,7 +121,7 @@ describe("RIG DRIFT: hand edits on a converged rig are found by the steps' own c
         'train_server_drift{step="server-users",item="user.bob.authorized_keys"} 1',
       ].sort(),
     );
-    expect(items(lines)).toEqual({ "server-storage": 1, "server-ops": 1, "server-users": 1, "server-baseline": 2, "server-services-data-dirs": 0 });
+    expect(items(lines)).toEqual({ "server-storage": 1, "server-ops": 1, "server-users": 1, "server-baseline": 2, "server-services-data-dirs": 0, "server-ws-alice-guard": 0, "server-ws-bob-guard": 0 });
     expect(successes(lines)).toEqual(Object.fromEntries(STEPS.map((s) => [s, 1])));
 
     // the rules installed on the rig, evaluated by promtool on exactly these lines (held for 10 minutes)
