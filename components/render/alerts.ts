@@ -18,7 +18,7 @@
  *     train_server_workspace_gpus_visible{user}, train_server_workspace_gpus_expected{user}.
  */
 import YAML from "yaml";
-import { GpuAlertParams, gpuNoticeRouting, gpuRules } from "./gpu";
+import { collectorFailingRule, GpuAlertParams, gpuNoticeRouting, gpuRules } from "./gpu";
 
 export interface AlertParams {
   /** GPU temperature threshold, degrees C (alert after 5 minutes above). */
@@ -226,16 +226,13 @@ export function gpuWatchdogRules(): AlertRule[] {
           "(the user's running jobs stop: tell them first), then `journalctl -u ts-gpu-watchdog`.",
       },
     },
-    {
+    collectorFailingRule({
       alert: "GpuWatchdogFailing",
-      expr: `train_server_task_success{task="gpu-watchdog"} == 0 or time() - train_server_task_last_run_timestamp_seconds{task="gpu-watchdog"} > 600`,
-      for: "10m",
-      labels: { severity: "warning", family: "gpu" },
-      annotations: {
-        summary: "The GPU watchdog is not checking the workspaces",
-        description: "Whether the workspaces still reach their GPUs is unknown: `systemctl status ts-gpu-watchdog.timer`, `journalctl -u ts-gpu-watchdog`.",
-      },
-    },
+      task: "gpu-watchdog",
+      staleAfterS: 600,
+      summary: "The GPU watchdog is not checking the workspaces",
+      description: "Whether the workspaces still reach their GPUs is unknown: `systemctl status ts-gpu-watchdog.timer`, `journalctl -u ts-gpu-watchdog`.",
+    }),
   ];
 }
 

@@ -67,6 +67,17 @@ function forHours(h: number): string {
 
 const fmtDays = (days: string[]) => days.map((d) => d.slice(0, 3).replace(/^./, (c) => c.toUpperCase())).join(", ");
 
+/** A GPU collector (a minutely task) failed its last run or has not run for `staleAfterS`: a warning after 10 min. */
+export function collectorFailingRule(p: { alert: string; task: string; staleAfterS: number; summary: string; description: string }): AlertRule {
+  return {
+    alert: p.alert,
+    expr: `train_server_task_success{task="${p.task}"} == 0 or time() - train_server_task_last_run_timestamp_seconds{task="${p.task}"} > ${p.staleAfterS}`,
+    for: "10m",
+    labels: { severity: "warning", family: "gpu" },
+    annotations: { summary: p.summary, description: p.description },
+  };
+}
+
 /**
  * Recording rules (one group, evaluated in order: later rules read earlier ones of the same evaluation) and the
  * alerts of the GPU ledger.
@@ -109,16 +120,13 @@ export function gpuRules(p: GpuAlertParams): { recording: RecordingRule[]; alert
           `(${fmtDays(w.days)} ${w.start}-${w.end}). Nothing was stopped. If you no longer need them, ask the admin to release them (users[i].gpus) for the team.`,
       },
     },
-    {
+    collectorFailingRule({
       alert: "GpuLedgerFailing",
-      expr: `train_server_task_success{task="gpu-ledger"} == 0 or time() - train_server_task_last_run_timestamp_seconds{task="gpu-ledger"} > 900`,
-      for: "10m",
-      labels: { severity: "warning", family: "gpu" },
-      annotations: {
-        summary: "The GPU ledger is not counting",
-        description: "GPU hours per user and idle notices are stale: `systemctl status ts-gpu-ledger.timer`, `journalctl -u ts-gpu-ledger`.",
-      },
-    },
+      task: "gpu-ledger",
+      staleAfterS: 900,
+      summary: "The GPU ledger is not counting",
+      description: "GPU hours per user and idle notices are stale: `systemctl status ts-gpu-ledger.timer`, `journalctl -u ts-gpu-ledger`.",
+    }),
   ];
   return { recording, alerts };
 }
