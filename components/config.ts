@@ -13,6 +13,7 @@
 import * as pulumi from "@pulumi/pulumi";
 import { z } from "zod";
 import { WORKSPACE_ROUTE_SUFFIXES } from "./routes";
+import { WORKSPACE_DESKTOPS } from "./render/workspace-image";
 
 export const CONFIG_NAMESPACE = "train-server";
 
@@ -565,8 +566,10 @@ const dataSyncSchema = z
 
 const workspaceSchema = z
   .object({
-    /** Base image of the workspace image (a CUDA runtime with cuDNN). */
-    baseImage: z.string().regex(IMAGE_REF, 'must be a docker image reference like "nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04"').default("nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04"),
+    /** Base image of the workspace image (Debian bookworm: the frameworks bring their CUDA libraries as wheels). */
+    baseImage: z.string().regex(IMAGE_REF, 'must be a docker image reference like "debian:bookworm"').default("debian:bookworm"),
+    /** The browser desktop's session (X2Go users pick theirs in the client): KDE Plasma, or the lighter XFCE. */
+    desktop: z.enum(WORKSPACE_DESKTOPS, { error: 'must be "kde" or "xfce"' }).default("kde"),
     /**
      * Rollouts never kill a job: before `pulumi up` replaces a workspace (new image, limits, GPUs, mounts, routes),
      * its guard step looks for running work (GPU processes, CPU use, SSH or desktop sessions) and, if it finds any,

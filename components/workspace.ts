@@ -212,7 +212,7 @@ export class Workspace extends pulumi.ComponentResource {
       // not privileged: Docker's default capabilities, a seccomp/AppArmor profile that lets the user's rootless
       // Docker make its user namespace, and exactly the user's GPU device nodes (render/workspace-security.ts)
       ...security,
-      envs: Object.entries(workspaceEnv({ user: user.name, uid: user.uid, sharedGroup: SHARED_GROUP, sharedGid: SHARED_GID })).map(([k, v]) => `${k}=${v}`),
+      envs: Object.entries(workspaceEnv({ user: user.name, uid: user.uid, sharedGroup: SHARED_GROUP, sharedGid: SHARED_GID, desktop: args.config.workspace.desktop })).map(([k, v]) => `${k}=${v}`),
       // SSH on 2222+slot; the desktop (X2Go, which runs over SSH) on 4000+slot; both on the LAN address only
       ports: [
         { internal: WORKSPACE_PORTS.ssh, external: user.sshPort, ip: lan },

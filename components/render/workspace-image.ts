@@ -13,10 +13,13 @@ import * as path from "path";
 /** The build context, relative to the repository root. */
 export const WORKSPACE_IMAGE_DIR = "images/workspace";
 
-/** Build targets of images/workspace/Dockerfile: `core` (system, sshd, supervisord, rootless Docker, user handling; buildable
- * from plain Debian/Ubuntu) and `workspace` (the default, last stage: + desktop, code-server, JupyterLab, ML stack). */
-export const WORKSPACE_TARGETS = { core: "core", full: "workspace" } as const;
-/** The Dockerfile's base-image build argument (a CUDA runtime + cuDNN Ubuntu image in production). */
+/**
+ * Build targets of images/workspace/Dockerfile, in stage order (each builds on the one before): `core` (system, sshd,
+ * supervisord, rootless Docker, user handling), `ml` (Python venvs, JupyterLab), `desktop` (KDE/XFCE, X2Go, Xvnc, GUI
+ * apps), `dev` (languages, IDEs, DB clients) and `workspace` (the default, last stage: the full image's programs).
+ */
+export const WORKSPACE_TARGETS = { core: "core", ml: "ml", desktop: "desktop", dev: "dev", full: "workspace" } as const;
+/** The Dockerfile's base-image build argument (Debian bookworm in production). */
 export const WORKSPACE_BASE_IMAGE_ARG = "BASE_IMAGE";
 
 /**
@@ -61,7 +64,13 @@ export const WORKSPACE_ENV = {
   sharedGroup: "WORKSPACE_SHARED_GROUP",
   /** Its gid; default 2000. The user joins it inside the container so the /cache/* mounts are writable. */
   sharedGid: "WORKSPACE_SHARED_GID",
+  /** The browser desktop's session (full image): `kde` (default) or `xfce`. Stack config workspace.desktop. */
+  desktop: "WORKSPACE_DESKTOP",
 } as const;
+
+/** The desktop sessions the image has: KDE Plasma (the default) and the lighter XFCE. */
+export const WORKSPACE_DESKTOPS = ["kde", "xfce"] as const;
+export type WorkspaceDesktop = (typeof WORKSPACE_DESKTOPS)[number];
 
 /** Defaults the entrypoint applies when the optional variables are absent. */
 export const WORKSPACE_DEFAULTS = { sharedGroup: "mlusers", sharedGid: 2000 } as const;
@@ -140,7 +149,7 @@ export const WORKSPACE_PORTS = { ssh: 22, codeServer: 8080, jupyter: 8888, tenso
 /** supervisord programs of each target (all must be RUNNING for the healthcheck to pass). */
 export const WORKSPACE_PROGRAMS = {
   core: ["dockerd", "graceful-stop", "sshd"],
-  full: ["code-server", "dockerd", "graceful-stop", "jupyter", "sshd", "tensorboard", "x2go-cleansessions"],
+  full: ["code-server", "desktop", "dockerd", "graceful-stop", "jupyter", "sshd", "tensorboard", "x2go-cleansessions"],
 } as const;
 
 /** One bind mount of the workspace container. */
@@ -201,7 +210,7 @@ export function workspaceMounts(p: WorkspaceMountParams): WorkspaceMount[] {
 }
 
 /** The container's environment (no secrets). */
-export function workspaceEnv(p: { user: string; uid: number; gid?: number; sharedGroup?: string; sharedGid?: number }): Record<string, string> {
+export function workspaceEnv(p: { user: string; uid: number; gid?: number; sharedGroup?: string; sharedGid?: number; desktop?: WorkspaceDesktop }): Record<string, string> {
   if (!USER_NAME.test(p.user) || p.user === "root") throw new Error(`workspaceEnv: "${p.user}" is not a valid non-root login`);
   if (!Number.isInteger(p.uid) || p.uid < 1000 || p.uid > 59999) throw new Error(`workspaceEnv: uid ${p.uid} is outside 1000..59999`);
   return {
@@ -210,6 +219,7 @@ export function workspaceEnv(p: { user: string; uid: number; gid?: number; share
     [WORKSPACE_ENV.gid]: String(p.gid ?? p.uid),
     [WORKSPACE_ENV.sharedGroup]: p.sharedGroup ?? WORKSPACE_DEFAULTS.sharedGroup,
     [WORKSPACE_ENV.sharedGid]: String(p.sharedGid ?? WORKSPACE_DEFAULTS.sharedGid),
+    ...(p.desktop !== undefined ? { [WORKSPACE_ENV.desktop]: p.desktop } : {}),
   };
 }
 

@@ -6,8 +6,10 @@
 #   WORKSPACE_UID           the user's stable host uid, 1000..59999 (required)
 #   WORKSPACE_GID           primary gid (default: WORKSPACE_UID)
 #   WORKSPACE_SHARED_GROUP  group of the shared /cache mounts (default mlusers), WORKSPACE_SHARED_GID (default 2000)
+#   WORKSPACE_DESKTOP       the browser desktop's session: kde (default) or xfce (full image only)
 # Mounts: /home/$WORKSPACE_USER (the user's home, owned by the uid), /var/lib/workspace (state: the user's rootless
-#   Docker data root and SSH host keys), /run/secrets/workspace-password (0400/0600, one line), /workspace and /cache/* (optional).
+#   Docker data root and SSH host keys), /run/secrets/workspace-password (0400/0600, one line), /workspace and /cache/* (optional);
+#   the full image (it has the browser desktop) also needs /run/secrets/vnc-password (the same rules).
 #
 # The home is the user's: this script never writes, chowns or creates anything in it (no skeleton files either;
 # shell defaults come from /etc/bash.bashrc and /etc/profile.d, so an empty home works). It refuses to start when
@@ -18,6 +20,8 @@
 set -euo pipefail
 
 PASSWORD_FILE=/run/secrets/workspace-password
+VNC_PASSWORD_FILE=/run/secrets/vnc-password
+DESKTOP_BIN=/usr/local/bin/workspace-desktop
 STATE_DIR=/var/lib/workspace
 RUN_DIR=/run/train-server
 
@@ -56,12 +60,21 @@ check_inputs() {
     refuse "$STATE_DIR is not mounted; bind-mount the user's state volume there (docker data and SSH host keys)"
   fi
 
-  [[ -f $PASSWORD_FILE && -s $PASSWORD_FILE ]] \
-    || refuse "$PASSWORD_FILE is missing or empty; mount the user's password file there (read-only, mode 0400)"
-  local mode
-  mode=$(stat -L -c %a "$PASSWORD_FILE")
-  (((8#$mode & 8#077) == 0)) || refuse "$PASSWORD_FILE has mode $mode; make the host file 0400 (no group/other access)"
-  (($(wc -l <"$PASSWORD_FILE") <= 1)) || refuse "$PASSWORD_FILE holds more than one line; it must hold only the password"
+  check_secret_file "$PASSWORD_FILE" "the user's password file"
+  if [[ -x $DESKTOP_BIN ]]; then
+    [[ ${WORKSPACE_DESKTOP:-kde} =~ ^(kde|xfce)$ ]] \
+      || refuse "WORKSPACE_DESKTOP '${WORKSPACE_DESKTOP}' is not kde or xfce; set stack config workspace.desktop"
+    check_secret_file "$VNC_PASSWORD_FILE" "the user's VNC password file (browser desktop)"
+  fi
+}
+
+# check_secret_file FILE WHAT: FILE is a non-empty one-line file no group or other can read.
+check_secret_file() {
+  local file=$1 what=$2 mode
+  [[ -f $file && -s $file ]] || refuse "$file is missing or empty; mount $what there (read-only, mode 0400)"
+  mode=$(stat -L -c %a "$file")
+  (((8#$mode & 8#077) == 0)) || refuse "$file has mode $mode; make the host file 0400 (no group/other access)"
+  (($(wc -l <"$file") <= 1)) || refuse "$file holds more than one line; it must hold only the password"
 }
 
 # ensure_group NAME GID: the group exists with exactly this gid.
@@ -121,6 +134,14 @@ set_password() {
   log "password of $USER_NAME set from $PASSWORD_FILE"
 }
 
+# The browser desktop's VNC password, in the form Xvnc reads (-rfbauth), the user's own 0600 file outside the home.
+set_vnc_password() {
+  [[ -x $DESKTOP_BIN ]] || return 0
+  (umask 077 && vncpasswd -f <"$VNC_PASSWORD_FILE" >"$RUN_DIR/vnc.passwd")
+  chown "$USER_UID:$USER_GID" "$RUN_DIR/vnc.passwd"
+  log "VNC password of $USER_NAME's browser desktop set from $VNC_PASSWORD_FILE"
+}
+
 # yaml_escape STRING: escape for a double-quoted YAML scalar.
 yaml_escape() {
   local s=$1
@@ -171,6 +192,7 @@ main() {
   check_inputs
   ensure_user
   set_password
+  set_vnc_password
   prepare_subids
   docker_host_env
   prepare_state
