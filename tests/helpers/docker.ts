@@ -136,6 +136,31 @@ export interface PrivateDockerdOptions {
   usernsRemapSubIds?: (user: string) => string;
   /** Directory name under the Scratch (default "dockerd"): two daemons in one Scratch need two names. */
   name?: string;
+  /**
+   * Keep the data root between runs in this sparse btrfs image file (made on first use, `dataRootMb` big): its
+   * images and build cache survive, so a cache keyed by content costs nothing to load. Containers left by a killed
+   * run are removed at start. One daemon at a time: a second start waits for the first one's lock.
+   */
+  persistentImage?: string;
+}
+
+/** Attach (and on first use create and format) the persistent data-root image; hold its lock until cleanup. */
+function persistentDataRoot(scratch: Scratch, file: string, sizeMb: number): string {
+  fs.mkdirSync(path.dirname(file), { recursive: true });
+  const lock = fs.openSync(`${file}.lock`, "w");
+  // flock(1) on the open descriptor: blocks while another run holds the image
+  const r = spawnSync("flock", ["-w", "3600", String(lock)], { stdio: ["ignore", "inherit", "inherit", lock] });
+  if (r.status !== 0) throw new Error(`${file} is held by another run for over an hour`);
+  scratch.onCleanup(() => fs.closeSync(lock));
+  const fresh = !fs.existsSync(file);
+  if (fresh) sh("truncate", ["-s", `${sizeMb}M`, `${file}.tmp`]);
+  const dev = sh("losetup", ["-f", "--show", fresh ? `${file}.tmp` : file]).trim();
+  scratch.onCleanup(() => void spawnSync("losetup", ["-d", dev]));
+  if (fresh) {
+    sh("mkfs.btrfs", ["-q", dev]);
+    fs.renameSync(`${file}.tmp`, file); // the loop device follows the inode
+  }
+  return dev;
 }
 
 /** Append `lines` to /etc/subuid and /etc/subgid for a new unique system user; undone by the Scratch. */
@@ -182,12 +207,12 @@ export class PrivateDockerd {
     const d = new PrivateDockerd(scratch, id, opts.name);
     const base = path.dirname(d.sock);
     // data root: btrfs on a loop device
-    const dev = scratch.loopDevice(opts.dataRootMb ?? 8192);
-    sh("mkfs.btrfs", ["-q", dev]);
+    const dev = opts.persistentImage ? persistentDataRoot(scratch, opts.persistentImage, opts.dataRootMb ?? 8192) : scratch.loopDevice(opts.dataRootMb ?? 8192);
+    if (!opts.persistentImage) sh("mkfs.btrfs", ["-q", dev]);
     fs.mkdirSync(d.btrfs);
     sh("mount", [dev, d.btrfs]);
     scratch.mountedAt(d.btrfs);
-    sh("btrfs", ["-q", "subvolume", "create", path.join(d.btrfs, "docker")]);
+    if (!fs.existsSync(path.join(d.btrfs, "docker"))) sh("btrfs", ["-q", "subvolume", "create", path.join(d.btrfs, "docker")]);
     // the bridge, ours alone
     if (hostNetState().links.includes(d.bridge)) throw new Error(`bridge ${d.bridge} already exists`);
     if (spawnSync("ip", ["-4", "-o", "addr"], { encoding: "utf8" }).stdout.includes(d.gateway.replace(/\.1$/, "."))) {
@@ -225,7 +250,13 @@ export class PrivateDockerd {
     scratch.onCleanup(() => d.stop());
     const deadline = Date.now() + 30_000;
     while (Date.now() < deadline) {
-      if (d.docker(["version", "--format", "{{.Server.Version}}"]).status === 0) return d;
+      if (d.docker(["version", "--format", "{{.Server.Version}}"]).status === 0) {
+        if (opts.persistentImage) {
+          const left = d.docker(["ps", "-aq"]).stdout.split("\n").filter(Boolean);
+          if (left.length > 0) d.docker(["rm", "-f", "-v", ...left], { timeoutMs: 300_000 });
+        }
+        return d;
+      }
       if (spawnSync("kill", ["-0", String(d.pid)]).status !== 0) break;
       spawnSync("sleep", ["0.2"]);
     }
