@@ -149,7 +149,7 @@ function persistentDataRoot(scratch: Scratch, file: string, sizeMb: number): str
   fs.mkdirSync(path.dirname(file), { recursive: true });
   const lock = fs.openSync(`${file}.lock`, "w");
   // flock(1) on the open descriptor: blocks while another run holds the image
-  const r = spawnSync("flock", ["-w", "3600", String(lock)], { stdio: ["ignore", "inherit", "inherit", lock] });
+  const r = spawnSync("flock", ["-w", "3600", "3"], { stdio: ["ignore", "inherit", "inherit", lock] }); // fd 3 in the child
   if (r.status !== 0) throw new Error(`${file} is held by another run for over an hour`);
   scratch.onCleanup(() => fs.closeSync(lock));
   const fresh = !fs.existsSync(file);

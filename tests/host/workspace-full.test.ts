@@ -23,7 +23,6 @@ import * as fs from "fs";
 import * as path from "path";
 import {
   WORKSPACE_IMAGE_DIR,
-  WORKSPACE_PORTS,
   WORKSPACE_PROGRAMS,
   WORKSPACE_STOP_TIMEOUT_S,
   WORKSPACE_TARGETS,
@@ -32,6 +31,11 @@ import {
   workspaceMounts,
 } from "../../components/render/workspace-image";
 import { workspaceSeccompJson, workspaceSecurity, workspaceSecurityRunArgs } from "../../components/render/workspace-security";
+import { parseConfig } from "../../components/config";
+import { SERVICES_NETWORK, TRAEFIK_ENTRYPOINTS, traefikCommand, traefikLabels, tunnelSources } from "../../components/render/services";
+import { buildRoutes, Route, workspaceContainer } from "../../components/routes";
+import { SERVICE_IMAGES } from "../../components/services";
+import { stackRaw } from "../helpers/program";
 import { BOOKWORM_MINBASE, ensureDebootstrapRootfs, PrivateDockerd, rootfsKey, TEST_CACHE } from "../helpers/docker";
 import { REPO, Scratch, sh, writeRandomFile } from "../helpers/host";
 import { colourStats, parseXwd, toPng } from "../helpers/xwd";
@@ -89,6 +93,7 @@ const TOOLS: Array<[string, string]> = [
   ["git", "git --version"],
   ["git-lfs", "git lfs version"],
   ["Docker", "docker --version"],
+  ["Docker Compose", "docker compose version"],
 ];
 /** What VENDOR_DOWNLOADS=no leaves out: the build log must name exactly these. */
 const NOT_FETCHED = ["julia", "pycharm-community", "vscodium"];
@@ -121,7 +126,8 @@ describe("the full workspace image, built here and run", () => {
   let data: string;
   let home: string;
   let password: string;
-  let ip: string;
+  let traefikIp: string;
+  let routes: Route[];
 
   const execUser = (cmd: string, env: Record<string, string> = {}, timeoutMs = 300_000) =>
     d.docker(["exec", "-u", USER, "-w", `/home/${USER}`, ...Object.entries({ HOME: `/home/${USER}`, USER, ...env }).flatMap(([k, v]) => ["-e", `${k}=${v}`]),
@@ -151,7 +157,6 @@ describe("the full workspace image, built here and run", () => {
   const startWorkspace = (img: string): void => {
     d.dockerOk(["run", "-d", ...runArgs, img]);
     waitRunning();
-    ip = d.dockerOk(["inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", NAME]).trim();
   };
 
   beforeAll(() => {
@@ -231,8 +236,23 @@ describe("the full workspace image, built here and run", () => {
       fs.chownSync(c, 0, SHARED_GID);
       fs.chmodSync(c, 0o2775);
     }
+    // the services network and the real Traefik (SERVICE_IMAGES' version, built from its Go module and cached) with
+    // the program's flags, in a container on that network; the workspace carries the program's labels for its routes
+    if (d.docker(["network", "inspect", SERVICES_NETWORK]).status !== 0) d.dockerOk(["network", "create", SERVICES_NETWORK]);
+    const config = parseConfig(stackRaw("prod"));
+    routes = buildRoutes(config).filter((r) => r.container === workspaceContainer({ name: USER }));
+    const tunnel = tunnelSources(JSON.parse(d.dockerOk(["network", "inspect", SERVICES_NETWORK, "--format", "{{json .IPAM.Config}}"])));
+    const labels = traefikLabels(routes, { adminSources: config.host.adminSources, tunnelSources: tunnel });
+    const build = spawnSync("bash", [path.join(REPO, "tests/helpers/build-traefik.sh"), SERVICE_IMAGES.traefik.split(":")[1]], { encoding: "utf8", maxBuffer: 64 * 1024 * 1024 });
+    if (build.status !== 0) throw new Error(`traefik build: ${build.stderr.slice(-2000)}`);
+    const traefikBin = build.stdout.trim().split("\n").pop()!;
+    if (d.docker(["image", "inspect", "local/bookworm-plain"]).status !== 0) d.importRootfs(ensureDebootstrapRootfs(BOOKWORM_MINBASE), "local/bookworm-plain");
+    d.dockerOk(["run", "-d", "--name", "ts-traefik", "--network", SERVICES_NETWORK, "-v", `${traefikBin}:/usr/local/bin/traefik:ro`,
+      "-v", `${d.sock}:/var/run/docker.sock`, "local/bookworm-plain", "/usr/local/bin/traefik", ...traefikCommand()]);
+    traefikIp = d.dockerOk(["inspect", "-f", `{{(index .NetworkSettings.Networks "${SERVICES_NETWORK}").IPAddress}}`, "ts-traefik"]).trim();
     runArgs = [
-      "--name", NAME, "--hostname", NAME, ...workspaceSecurityRunArgs(workspaceSecurity({ gpus: [], gpuCount: 0 }), seccompFile),
+      "--name", NAME, "--network", SERVICES_NETWORK, "--network-alias", NAME,
+      ...Object.entries(labels).flatMap(([k, v]) => ["--label", `${k}=${v}`]), "--hostname", NAME, ...workspaceSecurityRunArgs(workspaceSecurity({ gpus: [], gpuCount: 0 }), seccompFile),
       "--cpuset-cpus", LIMITS.cpuset, "--memory", `${LIMITS.memoryMb}m`, "--memory-reservation", `${LIMITS.reservationMb}m`,
       "--memory-swap", `${LIMITS.swapMb}m`, "--shm-size", `${LIMITS.shmMb}m`, "--stop-timeout", String(WORKSPACE_STOP_TIMEOUT_S),
       ...Object.entries(workspaceEnv({ user: USER, uid: UID, sharedGid: SHARED_GID, desktop: "kde" })).flatMap(([k, v]) => ["-e", `${k}=${v}`]),
@@ -244,6 +264,7 @@ describe("the full workspace image, built here and run", () => {
 
   afterAll(() => {
     process.stderr.write(`workspace-full: ${cachedBuild ? "cached" : "built"} ${JSON.stringify(report)}\ntimings (s): ${JSON.stringify(timings)}\n`);
+    d?.docker(["rm", "-f", NAME, "ts-traefik"]);
     scratch.cleanup();
   });
 
@@ -298,31 +319,41 @@ describe("the full workspace image, built here and run", () => {
     expect(r.stdout).toMatch(/cv2=5\.0\.0.* spacy=3\.8\.18 .*mlflow=3\.17\.2 .*transformers=4\.52\.4/);
   });
 
-  test("JupyterLab and code-server answer and log the user in with their password only", () => {
-    const curl = (args: string[]) => spawnSync("curl", ["-s", "-m", "20", ...args], { encoding: "utf8" });
-    // code-server: the login page, a wrong password refused, the right one gives the session cookie and the editor
-    const cs = `http://${ip}:${WORKSPACE_PORTS.codeServer}`;
-    expect(curl(["-o", "/dev/null", "-w", "%{http_code}", `${cs}/login`]).stdout).toBe("200");
+  test("through the real Traefik (LAN entrypoint): JupyterLab, code-server and the user's TensorBoard log the user in with their password only", () => {
+    const host = (suffix: string): string => routes.find((r) => r.id === `${USER}-${suffix}`)!.hostname;
+    // wait for Traefik's Docker provider to route the workspace
+    const deadline = Date.now() + 60_000;
+    while (Date.now() < deadline && spawnSync("curl", ["-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "5", "--resolve", `${host("jupyter")}:80:${traefikIp}`, `http://${host("jupyter")}/login`], { encoding: "utf8" }).stdout !== "200") sleep(1);
+    const curl = (suffix: string, args: string[], urlPath: string) =>
+      spawnSync("curl", ["-s", "-m", "30", "--resolve", `${host(suffix)}:${TRAEFIK_ENTRYPOINTS.lan.port}:${traefikIp}`, ...args, `http://${host(suffix)}${urlPath}`], { encoding: "utf8" });
+    const code = (r: { stdout: string }): string => r.stdout.trim().split("\n").pop()!;
+    // code-server: the login page; a wrong password refused; the right one gives the session and the editor
+    expect(curl("code", ["-o", "/dev/null", "-w", "%{http_code}"], "/login").stdout).toBe("200");
     const jar = path.join(scratch.dir, "cs.jar");
-    const bad = curl(["-o", "/dev/null", "-w", "%{http_code} %{redirect_url}", "-c", jar, "--data-urlencode", "password=wrong", `${cs}/login`]);
-    expect(bad.stdout).not.toMatch(/^302 .*\/\?/);
-    const good = curl(["-o", "/dev/null", "-w", "%{http_code}", "-c", jar, "--data-urlencode", `password=${password}`, `${cs}/login`]);
-    expect(good.stdout).toBe("302");
-    const editor = curl(["-b", jar, "-L", "-w", "\n%{http_code}", `${cs}/`]);
-    expect(editor.stdout.trim().split("\n").pop()).toBe("200");
-    expect(editor.stdout).toMatch(/vscode|workbench/i);
-    // JupyterLab: the API refuses without a login, the password login gives the lab
-    const jl = `http://${ip}:${WORKSPACE_PORTS.jupyter}`;
-    expect(curl(["-o", "/dev/null", "-w", "%{http_code}", `${jl}/api/contents`]).stdout).toBe("403");
+    expect(curl("code", ["-o", "/dev/null", "-w", "%{http_code}", "-c", jar, "--data-urlencode", "password=wrong"], "/login").stdout).not.toBe("302");
+    expect(curl("code", ["-o", "/dev/null", "-w", "%{http_code}", "-c", jar, "--data-urlencode", `password=${password}`], "/login").stdout).toBe("302");
+    const editor = curl("code", ["-b", jar, "-L", "-w", "\n%{http_code}"], "/");
+    expect(code(editor)).toBe("200");
+    expect(editor.stdout).toMatch(/workbench/i);
+    // JupyterLab: the API refuses without a login; the password login gives the kernels of the three frameworks
+    expect(curl("jupyter", ["-o", "/dev/null", "-w", "%{http_code}"], "/api/contents").stdout).toBe("403");
     const jjar = path.join(scratch.dir, "jl.jar");
-    const page = curl(["-c", jjar, `${jl}/login`]).stdout;
-    const xsrf = /name="_xsrf" value="([^"]+)"/.exec(page)?.[1] ?? fs.readFileSync(jjar, "utf8").match(/_xsrf\s+(\S+)/)?.[1];
+    curl("jupyter", ["-o", "/dev/null", "-c", jjar], "/login");
+    const xsrf = /_xsrf\s+(\S+)/.exec(fs.readFileSync(jjar, "utf8"))?.[1];
     expect(xsrf).toBeDefined();
-    const login = curl(["-o", "/dev/null", "-w", "%{http_code}", "-b", jjar, "-c", jjar, "--data-urlencode", `_xsrf=${xsrf}`, "--data-urlencode", `password=${password}`, `${jl}/login`]);
-    expect(login.stdout).toBe("302");
-    const api = curl(["-b", jjar, "-w", "\n%{http_code}", `${jl}/api/kernelspecs`]);
-    expect(api.stdout.trim().split("\n").pop()).toBe("200");
-    expect(Object.keys(JSON.parse(api.stdout.trim().split("\n").slice(0, -1).join("\n")).kernelspecs).sort()).toEqual(["jax", "python3", "pytorch", "tensorflow"].sort());
+    expect(curl("jupyter", ["-o", "/dev/null", "-w", "%{http_code}", "-b", jjar, "-c", jjar, "--data-urlencode", `_xsrf=${xsrf}`, "--data-urlencode", `password=${password}`], "/login").stdout).toBe("302");
+    const api = curl("jupyter", ["-b", jjar, "-w", "\n%{http_code}"], "/api/kernelspecs");
+    expect(code(api)).toBe("200");
+    expect(Object.keys(JSON.parse(api.stdout.trim().split("\n").slice(0, -1).join("\n")).kernelspecs).sort()).toEqual(["jax", "python3", "pytorch", "tensorflow"]);
+    // the user's TensorBoard: `/` is sent to code-server's authenticated proxy, which needs the login
+    const entry = curl("tensorboard", ["-o", "/dev/null", "-w", "%{http_code} %{redirect_url}"], "/");
+    expect(entry.stdout).toMatch(/^30[1278] .*\/absproxy\/6006\/$/);
+    expect(curl("tensorboard", ["-o", "/dev/null", "-w", "%{http_code}"], "/absproxy/6006/").stdout).not.toBe("200");
+    const tjar = path.join(scratch.dir, "tb.jar");
+    expect(curl("tensorboard", ["-o", "/dev/null", "-w", "%{http_code}", "-c", tjar, "--data-urlencode", `password=${password}`], "/login").stdout).toBe("302");
+    const tb = curl("tensorboard", ["-b", tjar, "-w", "\n%{http_code}"], "/absproxy/6006/");
+    expect(code(tb)).toBe("200");
+    expect(tb.stdout).toMatch(/<title>TensorBoard<\/title>/);
   });
 
   test("the browser desktop: KDE Plasma on Xvnc :1 (VNC on port 5901 only) draws a real desktop; the screenshot is kept", () => {
