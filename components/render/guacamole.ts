@@ -102,7 +102,8 @@ export function renderGuacamoleSql(users: GuacamoleUser[]): string {
     if (seen.has(u.email)) throw new Error(`renderGuacamoleSql: two users sign in as ${u.email}`);
     seen.add(u.email);
     if (u.container !== `workspace-${u.name}`) throw new Error(`renderGuacamoleSql: ${u.name}'s connection must open their own workspace, not ${u.container}`);
-    if (u.vncPassword.length !== VNC_PASSWORD_LENGTH) throw new Error(`renderGuacamoleSql: ${u.name}'s VNC password must be ${VNC_PASSWORD_LENGTH} characters`);
+    // VncAuth uses the first VNC_PASSWORD_LENGTH characters on both sides; the generated ones are exactly that long
+    if (!/^[\x21-\x7e]+$/.test(u.vncPassword)) throw new Error(`renderGuacamoleSql: ${u.name}'s VNC password must be printable ASCII without spaces`);
     if (!/^[0-9a-f]{64}$/.test(u.saltHex)) throw new Error(`renderGuacamoleSql: ${u.name}'s salt must be 32 bytes of lowercase hex`);
     if (u.password.length < 16) throw new Error(`renderGuacamoleSql: ${u.name}'s password must be at least 16 characters`);
   }
