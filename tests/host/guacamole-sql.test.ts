@@ -14,7 +14,7 @@ import { spawnSync } from "child_process";
 import * as fs from "fs";
 import * as path from "path";
 import { GuacamoleUser, renderGuacamoleSql } from "../../components/render/guacamole";
-import { Scratch } from "../helpers/host";
+import { runScript, Scratch } from "../helpers/host";
 
 jest.setTimeout(5 * 60_000);
 
@@ -95,6 +95,76 @@ describe("renderGuacamoleSql in a real PostgreSQL (stand-in schema)", () => {
     psql(STAND_IN_SCHEMA);
   });
   afterAll(() => scratch.cleanup());
+
+  describe("host-scripts/guacamole.sh (its docker calls answered by a stand-in on PATH: exec → this cluster)", () => {
+    let env: Record<string, string>;
+    const files = () => path.join(scratch.dir, "files");
+    const write = (users: GuacamoleUser[]) => fs.writeFileSync(path.join(files(), "provision.sql"), renderGuacamoleSql(users));
+    beforeAll(() => {
+      psql("CREATE ROLE guacamole LOGIN; CREATE DATABASE guacamole OWNER guacamole;");
+      const binDir = path.join(scratch.dir, "bin");
+      fs.mkdirSync(binDir);
+      fs.mkdirSync(files());
+      fs.writeFileSync(path.join(scratch.dir, "schema.sql"), STAND_IN_SCHEMA);
+      // `docker exec [-i] <container> pg_isready|psql ARGS` runs against the scratch cluster as the server's would;
+      // `docker run ... initdb.sh --postgresql` prints the stand-in schema (the real one comes from the image)
+      fs.writeFileSync(
+        path.join(binDir, "docker"),
+        `#!/bin/bash
+set -euo pipefail
+echo "docker $*" >>"${scratch.dir}/docker.calls"
+case "$1" in
+  exec) shift; [[ $1 == -i ]] && shift; shift; cmd=$1; shift
+    exec runuser -u postgres -- "${bin}/$cmd" -h "${sock}" -p 5432 "$@" ;;
+  run) [[ " $* " == *" --entrypoint /opt/guacamole/bin/initdb.sh "*" --postgresql "* ]] || exit 99; cat "${scratch.dir}/schema.sql" ;;
+  *) exit 98 ;;
+esac
+`,
+        { mode: 0o755 },
+      );
+      env = {
+        PATH: `${binDir}:${process.env.PATH ?? "/usr/sbin:/usr/bin:/sbin:/bin"}`,
+        TS_SCRIPT_NAME: "guacamole",
+        TS_FILES_DIR: files(),
+        TS_DB_CONTAINER: "guacamole-db",
+        TS_DB_NAME: "guacamole",
+        TS_DB_USER: "guacamole",
+        TS_WEB_IMAGE: "guacamole/guacamole:1.6.0",
+      };
+    });
+
+    test("apply: loads the schema into the empty database once, provisions; the second apply changes nothing", () => {
+      write([alice, bob, carol]);
+      const first = runScript("guacamole", "apply", env);
+      expect({ status: first.status, schema: first.results.schema, stderr: first.status ? first.stderr : "" }).toEqual({ status: 0, schema: "created", stderr: "" });
+      expect(Number(first.results.rows)).toBeGreaterThan(0);
+      expect(first.changes).toBe(2);
+      const second = runScript("guacamole", "apply", env);
+      expect({ status: second.status, schema: second.results.schema, rows: second.results.rows, changes: second.changes }).toEqual({ status: 0, schema: "present", rows: "0", changes: 0 });
+      expect(fs.readFileSync(path.join(scratch.dir, "docker.calls"), "utf8").match(/^docker run /gm)).toHaveLength(1);
+    });
+
+    test("check: no drift when the rows are as config says; drift (and nothing written) when they are not", () => {
+      expect(runScript("guacamole", "check", env).results).toMatchObject({ "drift.schema": "no", "drift.provision": "no" });
+      write([alice, carol]);
+      expect(runScript("guacamole", "check", env).results).toMatchObject({ "drift.schema": "no", "drift.provision": "yes" });
+      // the check rolled back: bob is still enabled
+      expect(psql("SELECT u.disabled FROM guacamole_user u JOIN guacamole_entity e USING (entity_id) WHERE e.name = 'bob@example.com'", ["-tA", "-d", "guacamole"]).trim()).toBe("f");
+    });
+
+    test("a failing statement fails the step and changes nothing (one transaction)", () => {
+      fs.writeFileSync(path.join(files(), "provision.sql"), renderGuacamoleSql([alice, carol]) + "SELECT no_such_function();\n");
+      const r = runScript("guacamole", "apply", env);
+      expect(r.status).not.toBe(0);
+      expect(psql("SELECT u.disabled FROM guacamole_user u JOIN guacamole_entity e USING (entity_id) WHERE e.name = 'bob@example.com'", ["-tA", "-d", "guacamole"]).trim()).toBe("f");
+    });
+
+    test("destroy keeps the database", () => {
+      const r = runScript("guacamole", "destroy", env);
+      expect(r.status).toBe(0);
+      expect(psql("SELECT count(*) FROM guacamole_user", ["-tA", "-d", "guacamole"]).trim()).toBe("3");
+    });
+  });
 
   const alice = user("alice", true), bob = user("bob"), carol = user("carol");
 
