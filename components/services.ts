@@ -200,7 +200,12 @@ export class SharedServices extends pulumi.ComponentResource {
       {
         host: args.host,
         script: "service-dirs",
-        env: { TS_DIRS: Object.entries(SERVICE_DATA).map(([svc, d]) => `${dataDir(svc)} ${d.owner} 0750`).join("\n") },
+        env: {
+          TS_DIRS: Object.entries(SERVICE_DATA)
+            .filter(([svc]) => svc !== "guacamole-db" || config.workspace.guacamole)
+            .map(([svc, d]) => `${dataDir(svc)} ${d.owner} 0750`)
+            .join("\n"),
+        },
         after: args.after ?? [],
       },
       { parent: this },
