@@ -50,6 +50,7 @@ export const RESERVED_USERNAMES = new Set([
   "prometheus", "grafana", "traefik", "netdata", "cloudflared", "restic", "rclone", "shared", "workspace",
   // every shared service's container: its data lives in docker-volumes/<service>, beside each user's docker-volumes/<name>
   "alertmanager", "cadvisor", "node-exporter", "dcgm-exporter", "tensorboard", "filebrowser", "dozzle", "portainer",
+  "guacamole", "guacd", "guacamole-db",
   // Ubuntu groups that grant privileges to their members (a user's primary group has the user's name)
   "lxd", "disk", "kvm", "shadow", "staff", "systemd-journal", "tty", "video", "render", "input", "plugdev", "netdev",
   "operator", "utmp", "dialout", "kmem", "crontab", "_ssh", "nvidia-persistenced", "polkitd", "tss", "tcpdump",
@@ -82,7 +83,7 @@ export const LIMITS = { cpuCores: 8192, ramGb: 65536, gpus: 64, quotaGb: 1_000_0
 
 /** Service route labels (first DNS label under `domain`) and their defaults. */
 export const SERVICE_NAMES = [
-  "traefik", "netdata", "prometheus", "grafana", "tensorboard", "filebrowser", "dozzle", "portainer",
+  "traefik", "netdata", "prometheus", "grafana", "tensorboard", "filebrowser", "dozzle", "portainer", "guacamole",
 ] as const;
 export type ServiceName = (typeof SERVICE_NAMES)[number];
 
@@ -420,6 +421,8 @@ const hostnamesSchema = z
     filebrowser: z.string().default("files"),
     dozzle: z.string().default("logs"),
     portainer: z.string().default("portainer"),
+    /** Apache Guacamole, the browser desktop (each user's own workspace desktop). */
+    guacamole: z.string().default("remote"),
   })
   .strict();
 
@@ -588,6 +591,11 @@ const workspaceSchema = z
       })
       .strict()
       .prefault({}),
+    /**
+     * The browser desktop: Apache Guacamole at `<hostnames.guacamole>.<domain>` (default remote.<domain>), each user
+     * their own workspace's desktop, admins all (README, "Browser desktop").
+     */
+    guacamole: z.boolean({ error: "must be true or false (the browser desktop at remote.<domain>)" }).default(true),
   })
   .strict();
 

@@ -4,6 +4,7 @@
  * are all derived from this one table, so no route can be public without an Access policy.
  */
 import type { ServerConfig, ServiceName, UserConfig } from "./config";
+import { GUACAMOLE_CONTAINERS, GUACAMOLE_IDENTITY_HEADER, GUACAMOLE_PORTS } from "./render/guacamole";
 import { WORKSPACE_PORTS } from "./render/workspace-image";
 
 /** Who may reach a route through Cloudflare Access. */
@@ -30,6 +31,11 @@ export interface Route {
    * per-user TensorBoard lives at code-server's authenticated `/absproxy/6006/`, so the hostname opens it directly.
    */
   entryPath?: string;
+  /**
+   * Request headers the backend trusts as the signed-in identity, set by Cloudflare Access on the tunnel path:
+   * the LAN routers (no Access there) remove them, so no LAN client can claim to be someone.
+   */
+  identityHeaders?: string[];
 }
 
 /** The backends of the shared services: container name and internal port. */
@@ -42,7 +48,12 @@ export const SERVICE_BACKENDS: Record<ServiceName, { container: string; port: nu
   dozzle: { container: "dozzle", port: 8080, audience: "admins" },
   tensorboard: { container: "tensorboard", port: 6006, audience: "team" },
   filebrowser: { container: "filebrowser", port: 80, audience: "team" },
+  // the browser desktop: who sees which desktop is Guacamole's own permissions (each user their own, admins all)
+  guacamole: { container: GUACAMOLE_CONTAINERS.web, port: GUACAMOLE_PORTS.web, audience: "team" },
 };
+
+/** Identity headers per service backend (see Route.identityHeaders). */
+const SERVICE_IDENTITY_HEADERS: Partial<Record<ServiceName, string[]>> = { guacamole: [GUACAMOLE_IDENTITY_HEADER] };
 
 /**
  * Per-user web routes of a workspace container: suffix → the port Traefik sends to, and the entry path of `/`.
@@ -68,6 +79,7 @@ export function workspaceContainer(user: Pick<UserConfig, "name">): string {
 export function buildRoutes(config: ServerConfig): Route[] {
   const routes: Route[] = [];
   for (const [svc, b] of Object.entries(SERVICE_BACKENDS) as Array<[ServiceName, (typeof SERVICE_BACKENDS)[ServiceName]]>) {
+    if (svc === "guacamole" && !config.workspace.guacamole) continue;
     const label = config.hostnames[svc];
     routes.push({
       id: svc,
@@ -75,6 +87,7 @@ export function buildRoutes(config: ServerConfig): Route[] {
       container: b.container,
       port: b.port,
       audience: b.audience === "team" ? { kind: "team" } : { kind: "admins" },
+      ...(SERVICE_IDENTITY_HEADERS[svc] ? { identityHeaders: SERVICE_IDENTITY_HEADERS[svc] } : {}),
     });
   }
   for (const u of [...config.users].sort((a, b) => a.uid - b.uid)) {

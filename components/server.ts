@@ -14,6 +14,7 @@ import * as pulumi from "@pulumi/pulumi";
 import { HostBaseline } from "./baseline";
 import type { ServerConfig, ServerSecrets } from "./config";
 import { AccessEntry, Edge } from "./edge";
+import { Guacamole } from "./guacamole";
 import { Host } from "./host";
 import { Operations } from "./operations";
 import { TRAEFIK_TUNNEL_URL } from "./render/services";
@@ -39,6 +40,11 @@ export interface UserOutputs {
   tensorboardUrl: string;
   /** Password of the user's desktop, code-server (and so their TensorBoard) and Jupyter (a secret). */
   password: pulumi.Output<string>;
+  /** The browser desktop (Guacamole): its URL, the user's login there (their e-mail), and its password for the LAN
+   * path (through Cloudflare Access the e-mail signs in without it; a secret). */
+  remoteUrl?: string;
+  remoteLogin?: string;
+  remotePassword?: pulumi.Output<string>;
 }
 
 export class TrainServer extends pulumi.ComponentResource {
@@ -52,6 +58,7 @@ export class TrainServer extends pulumi.ComponentResource {
   readonly services: SharedServices;
   readonly image: WorkspaceImage;
   readonly workspaces: Record<string, Workspace> = {};
+  readonly guacamole?: Guacamole;
   readonly userOutputs: Record<string, UserOutputs>;
 
   constructor(name: string, args: TrainServerArgs, opts?: pulumi.ComponentResourceOptions) {
@@ -96,6 +103,21 @@ export class TrainServer extends pulumi.ComponentResource {
         parent,
       );
     }
+    if (config.workspace.guacamole) this.guacamole = new Guacamole(
+      `${name}-guacamole`,
+      {
+        config,
+        host: this.host,
+        provider: this.services.provider,
+        servicesNetwork: this.services.network.name,
+        guacamoleNetwork: this.services.guacamoleNetwork!.name,
+        routes: this.routes.filter((r) => r.id === "guacamole"),
+        tunnelSources: this.services.tunnelSources,
+        vncPasswords: Object.fromEntries(config.users.map((u) => [u.name, this.workspaces[u.name].vncPassword])),
+        after: [this.baseline.ready, this.services.dataDirs],
+      },
+      parent,
+    );
     this.userOutputs = Object.fromEntries(
       config.users.map((u) => [
         u.name,
@@ -107,6 +129,13 @@ export class TrainServer extends pulumi.ComponentResource {
           jupyterUrl: `https://${u.name}-jupyter.${config.domain}`,
           tensorboardUrl: `https://${u.name}-tensorboard.${config.domain}`,
           password: this.workspaces[u.name].password,
+          ...(this.guacamole
+            ? {
+                remoteUrl: `https://${config.hostnames.guacamole}.${config.domain}`,
+                remoteLogin: u.email.toLowerCase(),
+                remotePassword: this.guacamole.passwords[u.name],
+              }
+            : {}),
         },
       ]),
     );

@@ -24,6 +24,7 @@ import {
   tunnelSources,
 } from "./render/services";
 import type { Route } from "./routes";
+import { GUACAMOLE_NETWORK } from "./render/guacamole";
 
 /** Pinned images (update deliberately: a tag change replaces that container and nothing else). */
 export const SERVICE_IMAGES = {
@@ -40,6 +41,10 @@ export const SERVICE_IMAGES = {
   alertmanager: "prom/alertmanager:v0.27.0",
   dcgmExporter: "nvcr.io/nvidia/k8s/dcgm-exporter:3.3.8-3.6.0-ubuntu22.04",
   cloudflared: "cloudflare/cloudflared:2024.10.1",
+  // the browser desktop (components/guacamole.ts): guacd and the web app of one release, its PostgreSQL
+  guacd: "guacamole/guacd:1.6.0",
+  guacamole: "guacamole/guacamole:1.6.0",
+  guacamoleDb: "postgres:16.4",
 } as const;
 
 /**
@@ -62,6 +67,10 @@ export const SERVICE_STOP_GRACE_S: Record<string, number> = {
   dozzle: 10,
   portainer: 30,
   cloudflared: 35,
+  // guacd ends the desktop sessions it proxies; PostgreSQL needs a clean shutdown (a checkpoint)
+  guacd: 10,
+  guacamole: 30,
+  "guacamole-db": 60,
 };
 
 /** How long `pulumi up` waits for a new container's health check to pass before failing the update. */
@@ -89,6 +98,8 @@ export const SERVICE_DATA: Record<string, { owner: string }> = {
   grafana: { owner: "472:0" },
   filebrowser: { owner: "0:0" },
   portainer: { owner: "0:0" },
+  // PostgreSQL of Guacamole (postgres in the official image is 999:999; initdb wants 0700)
+  "guacamole-db": { owner: "999:999" },
 };
 
 export interface SharedServicesArgs {
@@ -152,6 +163,12 @@ export function serviceContainers(config: ServerConfig, opts: { tunnel: boolean 
     { name: "portainer", image: I.portainer, healthcheck: false },
   ];
   if (opts.tunnel) list.push({ name: "cloudflared", image: I.cloudflared, healthcheck: true });
+  // the browser desktop's (components/guacamole.ts, made after the workspaces)
+  if (config.workspace.guacamole) list.push(
+    { name: "guacamole-db", image: I.guacamoleDb, healthcheck: true },
+    { name: "guacd", image: I.guacd, healthcheck: false },
+    { name: "guacamole", image: I.guacamole, healthcheck: false },
+  );
   return list;
 }
 
@@ -163,6 +180,10 @@ export function dockerHost(config: ServerConfig): string {
 export class SharedServices extends pulumi.ComponentResource {
   readonly provider: docker.Provider;
   readonly network: docker.Network;
+  /** Guacamole's network: its web app and database, and Traefik; no workspace joins it (components/guacamole.ts). */
+  readonly guacamoleNetwork?: docker.Network;
+  /** The services' data directories are made (a service made elsewhere orders its container after this). */
+  readonly dataDirs: pulumi.Resource;
   readonly containers: Record<string, docker.Container> = {};
   readonly grafanaPassword: pulumi.Output<string>;
   /** Where tunnel requests reach Traefik from (the services network's gateway, /32): for every Traefik label set. */
@@ -179,11 +200,17 @@ export class SharedServices extends pulumi.ComponentResource {
       {
         host: args.host,
         script: "service-dirs",
-        env: { TS_DIRS: Object.entries(SERVICE_DATA).map(([svc, d]) => `${dataDir(svc)} ${d.owner} 0750`).join("\n") },
+        env: {
+          TS_DIRS: Object.entries(SERVICE_DATA)
+            .filter(([svc]) => svc !== "guacamole-db" || config.workspace.guacamole)
+            .map(([svc, d]) => `${dataDir(svc)} ${d.owner} 0750`)
+            .join("\n"),
+        },
         after: args.after ?? [],
       },
       { parent: this },
     );
+    this.dataDirs = dirs.apply;
 
     this.provider = new docker.Provider(
       `${name}-docker`,
@@ -192,6 +219,14 @@ export class SharedServices extends pulumi.ComponentResource {
     );
     const child = { parent: this, provider: this.provider };
     this.network = new docker.Network(`${name}-network`, { name: SERVICES_NETWORK, driver: "bridge", attachable: true }, { ...child, dependsOn: args.after ?? [] });
+
+    if (config.workspace.guacamole) {
+      this.guacamoleNetwork = new docker.Network(
+        `${name}-guacamole-network`,
+        { name: GUACAMOLE_NETWORK, driver: "bridge", internal: true },
+        { ...child, dependsOn: args.after ?? [] },
+      );
+    }
 
     // docker-proxy forwards the tunnel entrypoint's 127.0.0.1 port from the network's gateway (read back from Docker)
     this.tunnelSources = this.network.ipamConfigs.apply((c) => tunnelSources(c));
@@ -227,6 +262,10 @@ export class SharedServices extends pulumi.ComponentResource {
         { internal: TRAEFIK_ENTRYPOINTS.tunnel.port, external: TRAEFIK_ENTRYPOINTS.tunnel.port, ip: TRAEFIK_ENTRYPOINTS.tunnel.hostIp },
       ],
       volumes: [sock],
+      // and Guacamole's network, to reach its web app (render/guacamole.ts: no workspace is on it)
+      ...(this.guacamoleNetwork
+        ? { networksAdvanced: [{ name: this.network.name, aliases: ["traefik"] }, { name: this.guacamoleNetwork.name, aliases: ["traefik"] }] }
+        : {}),
       healthcheck: { tests: ["CMD", "traefik", "healthcheck", "--ping"], interval: "30s", timeout: "5s", retries: 3 },
     });
 

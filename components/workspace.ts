@@ -22,11 +22,13 @@ import {
   WORKSPACE_PORTS,
   WORKSPACE_SHARED_DIR,
   WORKSPACE_STOP_TIMEOUT_S,
+  WORKSPACE_VNC_PASSWORD_FILE,
   workspaceEnv,
   workspaceImageHash,
   workspaceMounts as imageMounts,
 } from "./render/workspace-image";
 import { WORKSPACE_SLICE } from "./render/workspace-slice";
+import { VNC_PASSWORD_LENGTH } from "./render/guacamole";
 import * as crypto from "crypto";
 import { workspaceSecurity } from "./render/workspace-security";
 import type { Route } from "./routes";
@@ -196,12 +198,16 @@ export class Workspace extends pulumi.ComponentResource {
   readonly guard: HostScript;
   /** Password of the desktop, code-server and Jupyter (a secret). */
   readonly password: pulumi.Output<string>;
+  /** Password of the workspace's VNC desktop (8 characters, VncAuth's limit), which only guacd uses (a secret). */
+  readonly vncPassword: pulumi.Output<string>;
 
   constructor(name: string, args: WorkspaceArgs, opts?: pulumi.ComponentResourceOptions) {
     super("train-server:workspace:Workspace", name, {}, opts);
     const { config, user } = args;
     const password = new random.RandomPassword(`${name}-password`, { length: 24, special: false }, { parent: this });
     this.password = pulumi.secret(password.result);
+    const vncPassword = new random.RandomPassword(`${name}-vnc-password`, { length: VNC_PASSWORD_LENGTH, special: false }, { parent: this });
+    this.vncPassword = pulumi.secret(vncPassword.result);
     const lan = config.host.lanAddress;
     const security = containerSecurity(config, user);
     // every plain argument of the container (what the rollout guard's spec hash covers)
@@ -230,7 +236,9 @@ export class Workspace extends pulumi.ComponentResource {
       // processes the image's stop timeout between SIGTERM and SIGKILL, never the provider's default 0 s.
       ...containerLifecycle(WORKSPACE_STOP_TIMEOUT_S, true, WORKSPACE_WAIT_TIMEOUT_S),
     };
-    const specHash = workspaceSpecHash({ imageTag: args.imageTag, container: spec, routes: args.routes, adminSources: config.host.adminSources });
+    // the uploaded files' paths count too (their contents are secrets, generated once): adding one replaces the container
+    const uploadPaths = [WORKSPACE_PASSWORD_FILE, WORKSPACE_VNC_PASSWORD_FILE];
+    const specHash = workspaceSpecHash({ imageTag: args.imageTag, container: { ...spec, uploads: uploadPaths }, routes: args.routes, adminSources: config.host.adminSources });
     // runs before any replacement of this container: a busy workspace refuses it (README: "Rollouts never kill a job")
     this.guard = new HostScript(
       `${name}-guard`,
@@ -242,8 +250,11 @@ export class Workspace extends pulumi.ComponentResource {
       {
         ...spec,
         image: args.image,
-        // the password reaches the container as a root-only file at create, never as an environment variable
-        uploads: [{ file: WORKSPACE_PASSWORD_FILE, content: this.password, permissions: "0400" }],
+        // the passwords reach the container as root-only files at create, never as environment variables
+        uploads: [
+          { file: WORKSPACE_PASSWORD_FILE, content: this.password, permissions: "0400" },
+          { file: WORKSPACE_VNC_PASSWORD_FILE, content: this.vncPassword, permissions: "0400" },
+        ],
         networksAdvanced: [{ name: args.network, aliases: [workspaceContainer(user)] }],
         labels: pulumi
           .output(args.tunnelSources)

@@ -17,6 +17,7 @@ declare -A NEED=(
   [mkfs.ext4]=e2fsprogs [ssh]=openssh-client [setfacl]=acl [ufw]=ufw [fail2ban-client]=fail2ban [jq]=jq [sfdisk]=fdisk
   [btrbk]=btrbk [faketime]=faketime [qemu-system-x86_64]=qemu-system-x86 [cpio]=cpio [zstd]=zstd
   [iptables]=iptables [unshare]=util-linux [ssh-keygen]=openssh-client [curl]=curl [apparmor_parser]=apparmor
+  [pg_ctlcluster]=postgresql
 )
 missing=()
 for tool in "${!NEED[@]}"; do

@@ -7,6 +7,7 @@
  * Parent and dependency edges are not passed to `Mocks.newResource`, so this file wraps the mock monitor's
  * `registerResource` (an internal hook of the SDK) — keep that knowledge here and nowhere else.
  */
+import * as crypto from "crypto";
 import * as pulumi from "@pulumi/pulumi";
 import * as fs from "fs";
 import * as path from "path";
@@ -211,6 +212,11 @@ function mockState(type: string, name: string, inputs: Record<string, any>, prev
     case "random:index/randomPassword:RandomPassword":
       // the real provider marks these secret (additionalSecretOutputs); so do the mocks
       return { ...inputs, result: pulumi.secret(`mock-password-${name}`), bcryptHash: pulumi.secret(`mock-bcrypt-${name}`) };
+    case "random:index/randomId:RandomId": {
+      // byteLength random bytes, deterministic per name; hex is not secret in the real provider either
+      const hex = crypto.createHash("sha256").update(name).digest("hex").repeat(8).slice(0, 2 * (inputs.byteLength ?? 8));
+      return { ...inputs, hex, b64Std: Buffer.from(hex, "hex").toString("base64"), dec: BigInt(`0x${hex}`).toString(), id: hex };
+    }
     default:
       return inputs;
   }

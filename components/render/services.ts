@@ -88,6 +88,8 @@ const ENTRY_PATH = /^\/(?:[A-Za-z0-9._~-]+\/)*$/;
  *     ipAllowList middleware `<id>-admin-sources` with exactly host.adminSources;
  *   - a route with an `entryPath` has the redirectRegex middleware `<id>-entry` on both routers, after the source
  *     check: `/` answers with a relative redirect to the entry path, every other path passes untouched.
+ *   - a route with `identityHeaders` has the headers middleware `<id>-strip-identity` first on its LAN router: the
+ *     headers are removed (Traefik deletes a custom request header set to ""), so only Access sets them.
  * Middlewares are per route (no two containers define the same middleware name).
  */
 export function traefikLabels(routes: Route[], policy: TraefikPolicy): Record<string, string> {
@@ -125,7 +127,12 @@ export function traefikLabels(routes: Route[], policy: TraefikPolicy): Record<st
       labels[`traefik.http.routers.${r.id}-lan.entrypoints`] = lan.name;
       labels[`traefik.http.routers.${r.id}-lan.service`] = r.id;
     }
-    const lanMiddlewares = [...(access === "adminSources" ? [`${r.id}-admin-sources`] : []), ...(access !== "nobody" ? entry : [])];
+    const strip = r.identityHeaders?.length && access !== "nobody" ? [`${r.id}-strip-identity`] : [];
+    for (const h of strip.length ? r.identityHeaders ?? [] : []) {
+      if (!/^[A-Za-z0-9-]+$/.test(h)) throw new Error(`traefikLabels: route ${r.id}: identity header "${h}" is not a header name`);
+      labels[`traefik.http.middlewares.${r.id}-strip-identity.headers.customrequestheaders.${h}`] = "";
+    }
+    const lanMiddlewares = [...strip, ...(access === "adminSources" ? [`${r.id}-admin-sources`] : []), ...(access !== "nobody" ? entry : [])];
     if (lanMiddlewares.length) labels[`traefik.http.routers.${r.id}-lan.middlewares`] = lanMiddlewares.join(",");
     if (access === "adminSources") {
       labels[`traefik.http.middlewares.${r.id}-admin-sources.ipallowlist.sourcerange`] = policy.adminSources.join(",");

@@ -82,6 +82,13 @@ export const WORKSPACE_DEFAULTS = { sharedGroup: "mlusers", sharedGid: 2000 } as
  */
 export const WORKSPACE_PASSWORD_FILE = "/run/secrets/workspace-password";
 
+/**
+ * The VNC password (8 characters: VncAuth reads no more) of the desktop that guacd connects to, read from this file
+ * only (the image turns it into Xvnc's -rfbauth file with `vncpasswd -f`). Delivered like WORKSPACE_PASSWORD_FILE:
+ * root-only 0400, never an environment variable.
+ */
+export const WORKSPACE_VNC_PASSWORD_FILE = "/run/secrets/vnc-password";
+
 /** Where the user's home is mounted: `${WORKSPACE_HOME_PARENT}/<user>`. */
 export const WORKSPACE_HOME_PARENT = "/home";
 
@@ -144,7 +151,8 @@ export const WORKSPACE_CACHE_ENV: Readonly<Record<string, string>> = Object.free
 /** Ports inside the container. The host publishes SSH as 2222+slot; code-server and JupyterLab go through
  * Traefik on the docker network (not published). X2Go runs over SSH: no desktop port of its own. */
 /** Listening ports inside the workspace; tensorboard (the user's own) on loopback only, behind code-server's proxy. */
-export const WORKSPACE_PORTS = { ssh: 22, codeServer: 8080, jupyter: 8888, tensorboard: 6006 } as const;
+/** vnc: TigerVNC's `Xvnc :1` (VncAuth, password from WORKSPACE_VNC_PASSWORD_FILE) for guacd on the services network only. */
+export const WORKSPACE_PORTS = { ssh: 22, codeServer: 8080, jupyter: 8888, tensorboard: 6006, vnc: 5901 } as const;
 
 /** supervisord programs of each target (all must be RUNNING for the healthcheck to pass). */
 export const WORKSPACE_PROGRAMS = {
@@ -176,6 +184,8 @@ export interface WorkspaceMountParams {
   /** Host file holding the password (root:root 0400); omitted: the password file is put into the container
    * another way (the program uploads it at create, mode 0400). */
   passwordFile?: string;
+  /** Host file holding the VNC password (root:root 0400); omitted: uploaded at create like the password file. */
+  vncPasswordFile?: string;
   /** The shared drive, e.g. /shared; omitted: not mounted. */
   shared?: string;
   /** The user's home snapshot directory, e.g. /mnt/storage/.snapshots/homes/alice; omitted: not mounted. */
@@ -197,6 +207,7 @@ export function workspaceMounts(p: WorkspaceMountParams): WorkspaceMount[] {
     { source: p.scratch, target: WORKSPACE_SCRATCH_DIR, readOnly: false },
     { source: p.state, target: WORKSPACE_STATE_DIR, readOnly: false },
     ...(p.passwordFile !== undefined ? [{ source: p.passwordFile, target: WORKSPACE_PASSWORD_FILE, readOnly: true }] : []),
+    ...(p.vncPasswordFile !== undefined ? [{ source: p.vncPasswordFile, target: WORKSPACE_VNC_PASSWORD_FILE, readOnly: true }] : []),
     ...WORKSPACE_CACHE_MOUNTS.map((c) => ({ source: path.posix.join(p.cacheRoot, c), target: `/cache/${c}`, readOnly: false })),
   ];
   if (p.shared !== undefined) mounts.push({ source: p.shared, target: WORKSPACE_SHARED_DIR, readOnly: false });

@@ -52,8 +52,8 @@ interface Answer {
 
 const CLIENT = `
 const http = require("http");
-const [url, host] = process.argv.slice(1);
-const req = http.get(url, { headers: { Host: host }, agent: false, timeout: 5000 }, (res) => {
+const [url, host, extra] = process.argv.slice(1);
+const req = http.get(url, { headers: { Host: host, ...(extra ? JSON.parse(extra) : {}) }, agent: false, timeout: 5000 }, (res) => {
   let body = "";
   res.setEncoding("utf8");
   res.on("data", (d) => (body += d));
@@ -63,16 +63,17 @@ req.on("timeout", () => req.destroy(Object.assign(new Error("timeout"), { code: 
 req.on("error", (e) => console.log(JSON.stringify({ error: e.code || e.message })));
 `;
 
-/** GET `url` with Host `host` from network namespace `ns` (undefined: the host's own namespace). */
-function get(ns: string | undefined, url: string, host: string): Answer {
+/** GET `url` with Host `host` (and `headers`) from network namespace `ns` (undefined: the host's own namespace). */
+function get(ns: string | undefined, url: string, host: string, headers?: Record<string, string>): Answer {
   // url's path is sent as given (the backends answer every path)
-  const cmd = [process.execPath, "-e", CLIENT, url, host];
+  const cmd = [process.execPath, "-e", CLIENT, url, host, ...(headers ? [JSON.stringify(headers)] : [])];
   const r = ns ? spawnSync("ip", ["netns", "exec", ns, ...cmd], { encoding: "utf8" }) : spawnSync(cmd[0], cmd.slice(1), { encoding: "utf8" });
   if (r.status !== 0) throw new Error(`client in ${ns ?? "host"} failed: ${r.stderr}`);
   return JSON.parse(r.stdout.trim());
 }
 
-/** The backends: answer every request with who they are, which port, the Host and X-Forwarded-For they got. */
+/** The backends: answer every request with who they are, which port, the Host and X-Forwarded-For they got (and the
+ * Access identity header, only when it arrived). */
 const BACKEND = String.raw`
 use strict; use IO::Socket::INET; use IO::Select;
 my ($name, @ports) = @ARGV;
@@ -82,7 +83,8 @@ while (1) {
     my $c = $l->accept or next;
     my %h; my $line = <$c>;
     while (defined($line = <$c>)) { $line =~ s/\r?\n\z//; last if $line eq ""; $h{lc $1} = $2 if $line =~ /^([^:]+):\s*(.*)$/ }
-    my $body = "backend=$name port=" . $l->sockport . " host=" . ($h{host} // "") . " xff=" . ($h{"x-forwarded-for"} // "") . "\n";
+    my $id = $h{"cf-access-authenticated-user-email"};
+    my $body = "backend=$name port=" . $l->sockport . " host=" . ($h{host} // "") . " xff=" . ($h{"x-forwarded-for"} // "") . (defined $id ? " identity=$id" : "") . "\n";
     print $c "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: " . length($body) . "\r\nConnection: close\r\n\r\n" . $body;
     close $c;
   }
@@ -112,7 +114,7 @@ let config: ServerConfig;
 let defaults: ServerConfig;
 let routes: Route[];
 let tunnel: string[];
-const containers = ["portainer", "filebrowser", "workspace-alice"];
+const containers = ["portainer", "filebrowser", "workspace-alice", "guacamole"];
 const hostOf = (id: string) => routes.find((r) => r.id === id)!.hostname;
 
 function freeSubnetIndex(): number {
@@ -341,6 +343,22 @@ describe("with host.adminSources = [A]: requests to the LAN entrypoint (the offi
     // the same on the tunnel entrypoint, after its source check
     expect(get(undefined, `http://${srvSvc}:81/`, tb.hostname)).toMatchObject({ location: "/absproxy/6006/" });
     expect(get(NS.a, `http://${lanAddress}:81/`, tb.hostname)).toEqual({ status: 403, body: "Forbidden" });
+  });
+
+  test("Guacamole's hostname: the LAN router removes the Access identity header (no LAN machine can sign in as someone)", () => {
+    const r = routes.find((x) => x.id === "guacamole")!;
+    expect(r.identityHeaders).toEqual(["Cf-Access-Authenticated-User-Email"]);
+    for (const [ns, addr] of [[NS.a, adminA], [NS.b, otherB]]) {
+      // forged in any case: Traefik matches header names case-insensitively
+      for (const name of ["Cf-Access-Authenticated-User-Email", "cf-access-authenticated-user-email"]) {
+        expect(get(ns, lan(), r.hostname, { [name]: "alice@example.com" })).toEqual({ status: 200, body: `backend=guacamole port=8080 host=${r.hostname} xff=${addr}\n` });
+      }
+    }
+    // control: the header does reach the backend where Access sets it (the tunnel entrypoint, from the gateway)
+    expect(get(undefined, `http://${srvSvc}:81/`, r.hostname, { "Cf-Access-Authenticated-User-Email": "alice@example.com" })).toEqual({
+      status: 200,
+      body: `backend=guacamole port=8080 host=${r.hostname} xff=${gateway} identity=alice@example.com\n`,
+    });
   });
 
   test("control: a hostname no route has is Traefik's 404", () => {

@@ -23,6 +23,7 @@ import * as fs from "fs";
 import * as path from "path";
 import {
   WORKSPACE_IMAGE_DIR,
+  WORKSPACE_PORTS,
   WORKSPACE_PROGRAMS,
   WORKSPACE_STOP_TIMEOUT_S,
   WORKSPACE_TARGETS,
@@ -47,7 +48,6 @@ const UID = 1234;
 const SHARED_GID = 2000;
 const NAME = "workspace-alice";
 const LIMITS = { cpuset: "0-1", memoryMb: 8192, reservationMb: 2048, swapMb: 12288, shmMb: 2048 };
-const VNC_PASSWORD_FILE = "/run/secrets/vnc-password";
 /** This machine's build arguments (see the header). */
 const BUILD_ARGS: Record<string, string> = { TORCH_INDEX_URL: "https://pypi.org/simple", VENDOR_DOWNLOADS: "no" };
 const DATA_ROOT_IMAGE = path.join(TEST_CACHE, "ws-full-docker.img");
@@ -229,6 +229,7 @@ describe("the full workspace image, built here and run", () => {
       state: path.join(data, "docker-volumes", USER),
       cacheRoot: path.join(data, "cache"),
       passwordFile: pwFile,
+      vncPasswordFile: vncFile,
       shared: path.join(data, "shared"),
     });
     for (const c of new Set(mounts.filter((m) => m.target.startsWith("/cache/")).map((m) => m.source))) {
@@ -257,7 +258,6 @@ describe("the full workspace image, built here and run", () => {
       "--memory-swap", `${LIMITS.swapMb}m`, "--shm-size", `${LIMITS.shmMb}m`, "--stop-timeout", String(WORKSPACE_STOP_TIMEOUT_S),
       ...Object.entries(workspaceEnv({ user: USER, uid: UID, sharedGid: SHARED_GID, desktop: "kde" })).flatMap(([k, v]) => ["-e", `${k}=${v}`]),
       ...mounts.flatMap((m) => ["--mount", `type=bind,source=${m.source},target=${m.target}${m.readOnly ? ",readonly" : ""}`]),
-      "--mount", `type=bind,source=${vncFile},target=${VNC_PASSWORD_FILE},readonly`,
     ];
     timed(cachedBuild ? "container start (cached image)" : "container start", () => startWorkspace(image));
   });
@@ -360,7 +360,7 @@ describe("the full workspace image, built here and run", () => {
     timed("KDE session up", waitDesktop);
     sleep(15); // let the panel and wallpaper paint
     const listen = d.dockerOk(["exec", NAME, "ss", "-Hltn"]);
-    expect(listen).toMatch(new RegExp(`:${5901}\\b`));
+    expect(listen).toMatch(new RegExp(`:${WORKSPACE_PORTS.vnc}\\b`));
     expect(listen).not.toMatch(/:6001\b/); // -nolisten tcp: no X11 over TCP
     const xwd = d.docker(["exec", "-u", USER, "-e", "DISPLAY=:1", NAME, "sh", "-c", "xwd -root -silent | base64 -w0"], { timeoutMs: 60_000 });
     expect(xwd.status).toBe(0);

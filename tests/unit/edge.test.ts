@@ -182,7 +182,7 @@ describe("prod", () => {
     ]);
     const d = localDnsParams(prod);
     expect(d.hostnames.sort()).toEqual(buildRoutes(prod).filter((r) => r.audience.kind !== "admins").map((r) => r.hostname).sort());
-    expect(d.hostnames).toHaveLength(2 + WORKSPACE_ROUTE_SUFFIXES.length * 5);
+    expect(d.hostnames).toHaveLength(3 + WORKSPACE_ROUTE_SUFFIXES.length * 5);
   });
 
   test("traefikUrl is honoured", async () => {
@@ -316,7 +316,7 @@ describe("edge cases", () => {
     const raw = clone(stackRaw("prod"));
     raw.users = [];
     const config = parseConfig(raw);
-    expect(publishedRoutes(config).map((r) => r.id)).toEqual(["tensorboard", "filebrowser"]);
+    expect(publishedRoutes(config).map((r) => r.id)).toEqual(["tensorboard", "filebrowser", "guacamole"]);
     const { resources } = await runEdge(config);
     expect(checkInvariant(resources).violations).toEqual([]);
     expect(resources.filter((r) => r.type === T.policy).map((r) => r.name)).toEqual(["edge-policy-team"]);
@@ -352,7 +352,7 @@ describe("edge cases", () => {
     const root = resources.find((r) => r.type === "train-server:edge:Edge")!;
     expect(root.name).toBe("edge");
     for (const r of resources.filter((x) => x.parent === root.urn)) expect(r.name.startsWith("edge-")).toBe(true);
-    expect(Object.keys(accessTable(prod))).toHaveLength(8 + WORKSPACE_ROUTE_SUFFIXES.length * 5);
+    expect(Object.keys(accessTable(prod))).toHaveLength(9 + WORKSPACE_ROUTE_SUFFIXES.length * 5);
   });
 });
 

@@ -237,6 +237,9 @@ describe("blast radius of a user change", () => {
         "command:remote:Command::server-ops-apply",
         "cloudflare:index/zeroTrustAccessPolicy:ZeroTrustAccessPolicy::server-edge-policy-team",
         "cloudflare:index/zeroTrustTunnelCloudflaredConfig:ZeroTrustTunnelCloudflaredConfig::server-edge-tunnel-config",
+        // the browser desktop's provisioning: frank's account and connection (the other users' rows stay as they are)
+        "train-server:host:Script::server-guacamole-provision",
+        "command:remote:Command::server-guacamole-provision-apply",
       ].sort(),
     );
     // every added resource is frank's

@@ -74,12 +74,14 @@ describe.each([
     for (const r of on("tunnel")) expect(ranges[r.middlewares.split(",")[0]]).toBe(MOCK_GATEWAY);
   });
 
-  test("user and team routes are on the LAN entrypoint too, without a source check (only a TensorBoard's entry redirect)", () => {
+  test("user and team routes are on the LAN entrypoint too, without a source check (only a TensorBoard's entry redirect, Guacamole's identity header removed)", () => {
     const { on, host } = routing(res);
     const lan = on("lan");
     for (const r of routes.filter((x) => x.audience.kind !== "admins")) {
       const router = lan.find((x) => host(x) === r.hostname);
-      expect({ h: r.hostname, container: router?.container, mw: router?.middlewares }).toEqual({ h: r.hostname, container: r.container, mw: r.entryPath ? `${r.id}-entry` : undefined });
+      // a backend that trusts an Access identity header has it removed first (no LAN client can claim to be someone)
+      const mw = [...(r.identityHeaders ? [`${r.id}-strip-identity`] : []), ...(r.entryPath ? [`${r.id}-entry`] : [])].join(",") || undefined;
+      expect({ h: r.hostname, container: router?.container, mw: router?.middlewares }).toEqual({ h: r.hostname, container: r.container, mw });
     }
     expect(lan.filter((x) => x.container.startsWith("workspace-")).length).toBe(WORKSPACE_ROUTE_SUFFIXES.length * config.users.length);
   });
@@ -102,7 +104,7 @@ describe.each([
 
 test("the harness's mock gateway is what the labels carry (so the tests above read the program's own value)", async () => {
   const res = (await runProgram(stackRaw("prod"))).resources;
-  const net = res.find((r) => r.type === "docker:index/network:Network")!;
-  expect(net.inputs.name).toBe("train-server");
+  const nets = res.filter((r) => r.type === "docker:index/network:Network");
+  expect(nets.map((n) => n.inputs.name).sort()).toEqual(["train-server", "train-server-guacamole", "train-server-guacd"]);
   expect(labelsOf(byName(res, "grafana"))["traefik.http.middlewares.grafana-tunnel-sources.ipallowlist.sourcerange"]).toBe(MOCK_GATEWAY);
 });

@@ -88,9 +88,9 @@ describe("prod", () => {
   it("lists every published route hostname once, at host.lanAddress", () => {
     const p = { address: config.host.lanAddress, hostnames: publishedRoutes(config).map((r) => r.hostname), label: config.domain };
     const hosts = renderHostsBlock(p).split("\n").filter((l) => l && !l.startsWith("#"));
-    expect(hosts).toHaveLength(8 + WORKSPACE_ROUTE_SUFFIXES.length * 5);
+    expect(hosts).toHaveLength(9 + WORKSPACE_ROUTE_SUFFIXES.length * 5);
     expect(hosts.map((l) => l.split(/ +/)[1]).sort()).toEqual([...p.hostnames].sort());
     expect(new Set(hosts.map((l) => l.split(/ +/)[0]))).toEqual(new Set(["192.168.1.50"]));
-    expect(renderDnsmasq(p).match(/^host-record=/gm)).toHaveLength(8 + WORKSPACE_ROUTE_SUFFIXES.length * 5);
+    expect(renderDnsmasq(p).match(/^host-record=/gm)).toHaveLength(9 + WORKSPACE_ROUTE_SUFFIXES.length * 5);
   });
 });

@@ -219,7 +219,10 @@ describe("traefikLabels", () => {
       expect(on("lan")).toEqual([...others, ...(adminSources.length ? admin.map((r) => r.hostname) : [])].sort());
       for (const r of routes) {
         const lan = all[`${r.id}-lan`];
-        if (r.audience.kind !== "admins") expect(lan.middlewares).toBe(r.entryPath ? `${r.id}-entry` : undefined);
+        if (r.audience.kind !== "admins") {
+          const mw = [...(r.identityHeaders ? [`${r.id}-strip-identity`] : []), ...(r.entryPath ? [`${r.id}-entry`] : [])];
+          expect(lan.middlewares).toBe(mw.join(",") || undefined);
+        }
         else if (adminSources.length === 0) expect(lan).toBeUndefined();
         else {
           expect(lan.middlewares).toBe(`${r.id}-admin-sources`);

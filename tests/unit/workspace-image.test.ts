@@ -209,7 +209,7 @@ describe("Dockerfile policy", () => {
     expect(core.some((i) => i.cmd === "COPY" && i.args === "entrypoint.sh /usr/local/sbin/workspace-entrypoint")).toBe(true);
     const ports = (stage: Instruction[]): number[] => stage.filter((i) => i.cmd === "EXPOSE").flatMap((i) => i.args.split(" ").map(Number));
     expect(ports(core)).toEqual([WORKSPACE_PORTS.ssh]);
-    expect(ports(full).sort()).toEqual([WORKSPACE_PORTS.codeServer, WORKSPACE_PORTS.jupyter, 5901].sort());
+    expect(ports(full).sort()).toEqual([WORKSPACE_PORTS.codeServer, WORKSPACE_PORTS.jupyter, WORKSPACE_PORTS.vnc].sort());
     // no secret ever passes through the image's environment
     for (const i of ins.filter((x) => x.cmd === "ENV" || x.cmd === "ARG")) expect(i.args).not.toMatch(/PASS|SECRET|TOKEN/i);
   });
