@@ -33,7 +33,8 @@ done
 [[ -S /tmp/.X11-unix/X${DISPLAY_NUM} ]] || die "Xvnc's display :${DISPLAY_NUM} did not come up in 10 s"
 
 export DISPLAY=":${DISPLAY_NUM}" XDG_SESSION_TYPE=x11 XDG_RUNTIME_DIR=/run/user/${UID}
-dbus-run-session -- "${session[@]}" &
+# the session's chatter goes where X sessions keep it (the user's ~/.xsession-errors), not into the container log
+dbus-run-session -- "${session[@]}" >>"$HOME/.xsession-errors" 2>&1 &
 desktop=$!
 trap 'kill "$desktop" "$xvnc" 2>/dev/null || true' TERM INT EXIT
 wait -n "$xvnc" "$desktop" || true

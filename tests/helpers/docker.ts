@@ -38,6 +38,8 @@ export interface RootfsSpec {
 }
 
 export const BOOKWORM_MINBASE: RootfsSpec = { suite: "bookworm", variant: "minbase", mirror: "http://deb.debian.org/debian", include: [] };
+/** guacd with its VNC client (Debian's 1.3.0: bookworm has no guacd, bullseye's is the newest Debian package). */
+export const GUACD_ROOTFS: RootfsSpec = { suite: "bullseye", variant: "minbase", mirror: "http://deb.debian.org/debian", include: ["guacd", "libguac-client-vnc0"] };
 
 /** Key of a rootfs spec (also part of any cache key derived from it). */
 export function rootfsKey(spec: RootfsSpec): string {

@@ -20,15 +20,13 @@ import * as fs from "fs";
 import * as path from "path";
 import { WORKSPACE_PORTS, WORKSPACE_VNC_PASSWORD_FILE } from "../../components/render/workspace-image";
 import { guacamoleConnectionParams, VNC_PASSWORD_LENGTH } from "../../components/render/guacamole";
-import { ensureDebootstrapRootfs, HostNetState, hostNetState, PrivateDockerd, RootfsSpec } from "../helpers/docker";
+import { ensureDebootstrapRootfs, GUACD_ROOTFS, HostNetState, hostNetState, PrivateDockerd, RootfsSpec } from "../helpers/docker";
 import { framePixel, guacFrame, GuacFrameResult } from "../helpers/guacamole-client";
 import { Scratch, sh } from "../helpers/host";
 
 jest.setTimeout(20 * 60_000);
 
 const MIRROR = "http://deb.debian.org/debian";
-/** guacd: bookworm has none; bullseye's 1.3.0 is Debian's newest. */
-const GUACD_ROOTFS: RootfsSpec = { suite: "bullseye", variant: "minbase", mirror: MIRROR, include: ["guacd", "libguac-client-vnc0"] };
 /** The stand-in workspace: TigerVNC's Xvnc and vncpasswd (the packages the workspace image installs) + xsetroot. */
 const VNC_ROOTFS: RootfsSpec = { suite: "bookworm", variant: "minbase", mirror: MIRROR, include: ["tigervnc-standalone-server", "tigervnc-tools", "x11-xserver-utils"] };
 const SCREEN = { width: 1280, height: 800 };

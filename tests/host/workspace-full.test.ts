@@ -37,7 +37,8 @@ import { SERVICES_NETWORK, TRAEFIK_ENTRYPOINTS, traefikCommand, traefikLabels, t
 import { buildRoutes, Route, workspaceContainer } from "../../components/routes";
 import { SERVICE_IMAGES } from "../../components/services";
 import { stackRaw } from "../helpers/program";
-import { BOOKWORM_MINBASE, ensureDebootstrapRootfs, PrivateDockerd, rootfsKey, TEST_CACHE } from "../helpers/docker";
+import { BOOKWORM_MINBASE, ensureDebootstrapRootfs, GUACD_ROOTFS, PrivateDockerd, rootfsKey, TEST_CACHE } from "../helpers/docker";
+import { guacFrame } from "../helpers/guacamole-client";
 import { REPO, Scratch, sh, writeRandomFile } from "../helpers/host";
 import { colourStats, parseXwd, toPng } from "../helpers/xwd";
 
@@ -87,7 +88,7 @@ const TOOLS: Array<[string, string]> = [
   ["Go", "go version"],
   ["Rust", "rustc --version"],
   ["cargo", "cargo --version"],
-  ["code-server", "code-server --version | head -1"],
+  ["code-server", "code-server --version | grep -m1 '^[0-9]'"],
   ["JupyterLab", "/opt/jupyter/bin/jupyter lab --version"],
   ["Python", "python --version"],
   ["git", "git --version"],
@@ -126,11 +127,12 @@ describe("the full workspace image, built here and run", () => {
   let data: string;
   let home: string;
   let password: string;
+  let vncPassword: string;
   let traefikIp: string;
   let routes: Route[];
 
   const execUser = (cmd: string, env: Record<string, string> = {}, timeoutMs = 300_000) =>
-    d.docker(["exec", "-u", USER, "-w", `/home/${USER}`, ...Object.entries({ HOME: `/home/${USER}`, USER, ...env }).flatMap(([k, v]) => ["-e", `${k}=${v}`]),
+    d.docker(["exec", "-u", USER, "-w", `/home/${USER}`, ...Object.entries({ HOME: `/home/${USER}`, USER, XDG_RUNTIME_DIR: `/run/user/${UID}`, ...env }).flatMap(([k, v]) => ["-e", `${k}=${v}`]),
       NAME, "bash", "-lc", cmd], { timeoutMs });
   const supervisorStatus = (): string => d.docker(["exec", NAME, "supervisorctl", "-c", "/etc/supervisor/supervisord.conf", "status"]).stdout;
   const waitRunning = (): void => {
@@ -194,7 +196,7 @@ describe("the full workspace image, built here and run", () => {
         const sizeBytes = Number(d.dockerOk(["image", "inspect", "-f", "{{.Size}}", tag(target)]).trim());
         stages.push({ target, seconds: (Date.now() - t) / 1000, sizeBytes });
       }
-      const notFetched = [...log.matchAll(/^train-server: not fetched \(VENDOR_DOWNLOADS=no\): (.+)$/gm)].map((m) => m[1].trim());
+      const notFetched = [...new Set([...log.matchAll(/^train-server: not fetched \(VENDOR_DOWNLOADS=no\): (.+)$/gm)].map((m) => m[1].trim()))];
       report = { hash, stages, notFetched, builtAt: new Date().toISOString() };
       fs.writeFileSync(reportFile, JSON.stringify(report, null, 2));
       // keep only this build's images (their layers are the build cache of the next change)
@@ -219,7 +221,8 @@ describe("the full workspace image, built here and run", () => {
     const pwFile = path.join(scratch.dir, "alice.password");
     fs.writeFileSync(pwFile, `${password}\n`, { mode: 0o400 });
     const vncFile = path.join(scratch.dir, "alice.vnc");
-    fs.writeFileSync(vncFile, `${crypto.randomBytes(6).toString("base64url").slice(0, 8)}\n`, { mode: 0o400 });
+    vncPassword = crypto.randomBytes(12).toString("base64").replace(/[^A-Za-z0-9]/g, "").slice(0, 8);
+    fs.writeFileSync(vncFile, `${vncPassword}\n`, { mode: 0o400 });
     const seccompFile = path.join(scratch.dir, "seccomp.json");
     fs.writeFileSync(seccompFile, workspaceSeccompJson());
     const mounts = workspaceMounts({
@@ -264,7 +267,7 @@ describe("the full workspace image, built here and run", () => {
 
   afterAll(() => {
     process.stderr.write(`workspace-full: ${cachedBuild ? "cached" : "built"} ${JSON.stringify(report)}\ntimings (s): ${JSON.stringify(timings)}\n`);
-    d?.docker(["rm", "-f", NAME, "ts-traefik"]);
+    d?.docker(["rm", "-f", NAME, "ts-traefik", "ts-guacd"]);
     scratch.cleanup();
   });
 
@@ -372,6 +375,28 @@ describe("the full workspace image, built here and run", () => {
     // a wallpaper and a panel, not a blank or single-colour screen
     expect(stats.colours).toBeGreaterThan(1000);
     expect(stats.nonBackground).toBeGreaterThan(0.3);
+  });
+
+  test("Guacamole's last mile: guacd connects to the workspace's desktop on the services network and receives a frame", async () => {
+    waitDesktop();
+    if (d.docker(["image", "inspect", "local/guacd"]).status !== 0) d.importRootfs(ensureDebootstrapRootfs(GUACD_ROOTFS), "local/guacd");
+    d.dockerOk(["run", "-d", "--name", "ts-guacd", "--network", SERVICES_NETWORK, "local/guacd", "guacd", "-f", "-b", "0.0.0.0", "-l", "4822"]);
+    const guacd = d.dockerOk(["inspect", "-f", `{{(index .NetworkSettings.Networks "${SERVICES_NETWORK}").IPAddress}}`, "ts-guacd"]).trim();
+    let r = await guacFrame({ host: guacd, port: 4822, vncHost: NAME, vncPort: WORKSPACE_PORTS.vnc, password: vncPassword, timeoutMs: 30_000 });
+    for (let i = 0; i < 10 && r.ended === "closed" && r.errors.length === 0; i++) {
+      sleep(1); // guacd was still starting
+      r = await guacFrame({ host: guacd, port: 4822, vncHost: NAME, vncPort: WORKSPACE_PORTS.vnc, password: vncPassword, timeoutMs: 30_000 });
+    }
+    expect(r.errors).toEqual([]);
+    expect(r.ended).toBe("frame");
+    expect(r.connectionId).toBeDefined();
+    expect(r.screen).toEqual({ width: 1920, height: 1080 });
+    const drawn = r.images.filter((i) => i.layer === 0 && i.png);
+    expect(drawn.length).toBeGreaterThan(0);
+    process.stderr.write(`guacd frame: ${drawn.length} images on layer 0, ${drawn.reduce((n, i) => n + i.bytes, 0)} bytes, ${r.msToFirstFrame} ms\n`);
+    // the wrong password gets no frame
+    const bad = await guacFrame({ host: guacd, port: 4822, vncHost: NAME, vncPort: WORKSPACE_PORTS.vnc, password: "wrong123", timeoutMs: 30_000 });
+    expect(bad.ended).not.toBe("frame");
   });
 
   test("every tool of the reference runs and prints its version (as the user)", () => {
