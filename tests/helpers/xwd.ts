@@ -75,3 +75,19 @@ export function colourStats(p: Picture): { colours: number; nonBackground: numbe
   const total = p.width * p.height;
   return { colours: counts.size, nonBackground: (total - top) / total };
 }
+
+/** The picture at 1/`factor` of its size (each output pixel the mean of a factor×factor block): for the docs. */
+export function downscale(p: Picture, factor: number): Picture {
+  const width = Math.floor(p.width / factor), height = Math.floor(p.height / factor);
+  const rgb = Buffer.alloc(width * height * 3);
+  for (let y = 0; y < height; y++) {
+    for (let x = 0; x < width; x++) {
+      for (let c = 0; c < 3; c++) {
+        let sum = 0;
+        for (let dy = 0; dy < factor; dy++) for (let dx = 0; dx < factor; dx++) sum += p.rgb[((y * factor + dy) * p.width + x * factor + dx) * 3 + c];
+        rgb[(y * width + x) * 3 + c] = Math.round(sum / (factor * factor));
+      }
+    }
+  }
+  return { width, height, rgb };
+}

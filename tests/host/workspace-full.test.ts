@@ -40,7 +40,7 @@ import { stackRaw } from "../helpers/program";
 import { BOOKWORM_MINBASE, ensureDebootstrapRootfs, GUACD_ROOTFS, PrivateDockerd, rootfsKey, TEST_CACHE } from "../helpers/docker";
 import { guacFrame } from "../helpers/guacamole-client";
 import { REPO, Scratch, sh, writeRandomFile } from "../helpers/host";
-import { colourStats, parseXwd, toPng } from "../helpers/xwd";
+import { colourStats, downscale, parseXwd, toPng } from "../helpers/xwd";
 
 jest.setTimeout(90 * 60_000);
 
@@ -52,8 +52,9 @@ const LIMITS = { cpuset: "0-1", memoryMb: 8192, reservationMb: 2048, swapMb: 122
 /** This machine's build arguments (see the header). */
 const BUILD_ARGS: Record<string, string> = { TORCH_INDEX_URL: "https://pypi.org/simple", VENDOR_DOWNLOADS: "no" };
 const DATA_ROOT_IMAGE = path.join(TEST_CACHE, "ws-full-docker.img");
-/** Where the desktop screenshot is left for the note. */
-export const SCREENSHOT = path.join(TEST_CACHE, "ws-full-desktop.png");
+/** Where the desktop screenshot is left for the note (full size, and half size for the docs). */
+const SCREENSHOT = path.join(TEST_CACHE, "ws-full-desktop.png");
+const SCREENSHOT_HALF = path.join(TEST_CACHE, "ws-full-desktop-half.png");
 
 /** The tools of the reference and the command that prints each one's version (as the user, DISPLAY=:1). */
 const TOOLS: Array<[string, string]> = [
@@ -370,6 +371,7 @@ describe("the full workspace image, built here and run", () => {
     const pic = parseXwd(Buffer.from(xwd.stdout, "base64"));
     expect([pic.width, pic.height]).toEqual([1920, 1080]);
     fs.writeFileSync(SCREENSHOT, toPng(pic));
+    fs.writeFileSync(SCREENSHOT_HALF, toPng(downscale(pic, 2)));
     const stats = colourStats(pic);
     process.stderr.write(`desktop screenshot ${SCREENSHOT}: ${stats.colours} colours, ${(stats.nonBackground * 100).toFixed(1)} % not background\n`);
     // a wallpaper and a panel, not a blank or single-colour screen
