@@ -25,6 +25,7 @@ import {
   WORKSPACE_IMAGE_DIR,
   WORKSPACE_PORTS,
   WORKSPACE_PROGRAMS,
+  WORKSPACE_STATE_DIR,
   WORKSPACE_STOP_TIMEOUT_S,
   WORKSPACE_TARGETS,
   workspaceEnv,
@@ -384,11 +385,9 @@ describe("the full workspace image, built here and run", () => {
     if (d.docker(["image", "inspect", "local/guacd"]).status !== 0) d.importRootfs(ensureDebootstrapRootfs(GUACD_ROOTFS), "local/guacd");
     d.dockerOk(["run", "-d", "--name", "ts-guacd", "--network", SERVICES_NETWORK, "local/guacd", "guacd", "-f", "-b", "0.0.0.0", "-l", "4822"]);
     const guacd = d.dockerOk(["inspect", "-f", `{{(index .NetworkSettings.Networks "${SERVICES_NETWORK}").IPAddress}}`, "ts-guacd"]).trim();
-    let r = await guacFrame({ host: guacd, port: 4822, vncHost: NAME, vncPort: WORKSPACE_PORTS.vnc, password: vncPassword, timeoutMs: 30_000 });
-    for (let i = 0; i < 10 && r.ended === "closed" && r.errors.length === 0; i++) {
-      sleep(1); // guacd was still starting
-      r = await guacFrame({ host: guacd, port: 4822, vncHost: NAME, vncPort: WORKSPACE_PORTS.vnc, password: vncPassword, timeoutMs: 30_000 });
-    }
+    const up = Date.now() + 30_000;
+    while (Date.now() < up && !/Listening on host/.test(d.docker(["logs", "ts-guacd"]).stderr)) sleep(0.5);
+    const r = await guacFrame({ host: guacd, port: 4822, vncHost: NAME, vncPort: WORKSPACE_PORTS.vnc, password: vncPassword, timeoutMs: 30_000 });
     expect(r.errors).toEqual([]);
     expect(r.ended).toBe("frame");
     expect(r.connectionId).toBeDefined();
@@ -420,12 +419,16 @@ describe("the full workspace image, built here and run", () => {
     // what the user made: files, a checkpoint in /workspace, an inner image and a volume, a desktop setting
     writeRandomFile(path.join(data, "workspaces", USER, "run1", "ckpt.bin"), 2);
     sh("chown", ["-R", `${UID}:${UID}`, path.join(data, "workspaces", USER, "run1")]);
-    expect(execUser("echo 'my notes' > ~/notes.txt && mkdir -p ~/.config && printf '[General]\\nColorScheme=BreezeDark\\n' >> ~/.config/kdeglobals").status).toBe(0);
+    // a setting of the user's own (Konsole's default profile: no running program rewrites konsolerc) and the
+    // settings the desktop itself wrote at its first start (panel layout, window manager, ...)
+    expect(execUser("echo 'my notes' > ~/notes.txt && printf '[Desktop Entry]\\nDefaultProfile=ml.profile\\n' > ~/.config/konsolerc").status).toBe(0);
+    const kdeFiles = execUser("cd ~/.config && ls plasma* kwinrc kdeglobals 2>/dev/null | sort").stdout.trim();
+    expect(kdeFiles).toMatch(/plasma-org\.kde\.plasma\.desktop-appletsrc/);
     const imp = spawnSync("bash", ["-c", `set -o pipefail; tar -C "$1" -c . | docker -H unix://"$2" exec -i -u ${USER} -e HOME=/home/${USER} -e DOCKER_HOST=${workspaceDockerHost(UID)} ${NAME} bash -lc 'docker import - local/base'`,
       "_", ensureDebootstrapRootfs(BOOKWORM_MINBASE), d.sock], { encoding: "utf8", timeout: 300_000 });
     expect(`rc ${imp.status} ${imp.stderr}`).toMatch(/^rc 0 /);
     expect(execUser("docker volume create keep >/dev/null && docker run --rm -v keep:/data local/base sh -c 'echo inner-volume-data > /data/f'").status).toBe(0);
-    const fingerprint = (): string => d.dockerOk(["exec", NAME, "ssh-keygen", "-lf", "/etc/ssh/ssh_host_ed25519_key.pub"]).trim();
+    const fingerprint = (): string => d.dockerOk(["exec", NAME, "ssh-keygen", "-lf", `${WORKSPACE_STATE_DIR}/ssh/ssh_host_ed25519_key.pub`]).trim();
     const before = {
       key: fingerprint(),
       ckpt: crypto.createHash("sha256").update(fs.readFileSync(path.join(data, "workspaces", USER, "run1", "ckpt.bin"))).digest("hex"),
@@ -447,7 +450,8 @@ describe("the full workspace image, built here and run", () => {
       expect(fingerprint()).toBe(before.key);
       expect(execUser("docker images --format '{{.Repository}}'").stdout.trim()).toBe(before.images);
       expect(execUser("docker run --rm -v keep:/data local/base cat /data/f").stdout).toBe("inner-volume-data\n");
-      expect(execUser("grep -x ColorScheme=BreezeDark ~/.config/kdeglobals").status).toBe(0);
+      expect(execUser("grep -x DefaultProfile=ml.profile ~/.config/konsolerc").status).toBe(0);
+      expect(execUser("cd ~/.config && ls plasma* kwinrc kdeglobals 2>/dev/null | sort").stdout.trim()).toBe(kdeFiles);
       timed("KDE session up again", waitDesktop);
     } finally {
       d.docker(["rm", "-f", NAME]);
