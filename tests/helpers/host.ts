@@ -42,6 +42,23 @@ export function runScript(name: string, action: string, env: Record<string, stri
 }
 
 /** Run a command and return stdout; throws with stderr on failure. */
+/** Sleep `s` seconds (fractions allowed), blocking: for polling loops in synchronous tests. */
+export const sleep = (s: number): void => void spawnSync("sleep", [String(s)]);
+
+/** Named wall-clock durations (s) a test prints at the end: `timed(what, fn)` records one and returns fn's result. */
+export function stopwatch(): { timings: Record<string, number>; timed: <T>(what: string, fn: () => T) => T } {
+  const timings: Record<string, number> = {};
+  const timed = <T>(what: string, fn: () => T): T => {
+    const t = Date.now();
+    try {
+      return fn();
+    } finally {
+      timings[what] = (Date.now() - t) / 1000;
+    }
+  };
+  return { timings, timed };
+}
+
 export function sh(cmd: string, args: string[] = [], input?: string): string {
   return execFileSync(cmd, args, { encoding: "utf8", input, stdio: ["pipe", "pipe", "pipe"], maxBuffer: 64 * 1024 * 1024 });
 }

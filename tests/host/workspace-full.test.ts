@@ -41,7 +41,7 @@ import { SERVICE_IMAGES } from "../../components/services";
 import { stackRaw } from "../helpers/program";
 import { BOOKWORM_MINBASE, ensureDebootstrapRootfs, GUACD_ROOTFS, PrivateDockerd, rootfsKey, TEST_CACHE } from "../helpers/docker";
 import { guacFrame } from "../helpers/guacamole-client";
-import { REPO, Scratch, sh, writeRandomFile } from "../helpers/host";
+import { REPO, Scratch, sh, writeRandomFile, sleep, stopwatch } from "../helpers/host";
 import { colourStats, downscale, parseXwd, toPng } from "../helpers/xwd";
 
 jest.setTimeout(90 * 60_000);
@@ -109,16 +109,7 @@ interface BuildReport {
   builtAt: string;
 }
 
-const timings: Record<string, number> = {};
-const timed = <T>(what: string, fn: () => T): T => {
-  const t = Date.now();
-  try {
-    return fn();
-  } finally {
-    timings[what] = (Date.now() - t) / 1000;
-  }
-};
-const sleep = (s: number): void => void spawnSync("sleep", [String(s)]);
+const { timings, timed } = stopwatch();
 
 describe("the full workspace image, built here and run", () => {
   const scratch = new Scratch("ts-wsfull-");

@@ -43,7 +43,7 @@ import {
   rootfsKey,
   TEST_CACHE,
 } from "../helpers/docker";
-import { REPO, Scratch, sh, writeRandomFile } from "../helpers/host";
+import { REPO, Scratch, sh, writeRandomFile, sleep, stopwatch } from "../helpers/host";
 import { containerLifecycle } from "../../components/services";
 import {
   NVIDIA_CONTROL_NODES,
@@ -66,15 +66,7 @@ const NAME = "workspace-alice";
 const GPU_COUNT = 2;
 const ALICE_GPUS = [1];
 
-const timings: Record<string, number> = {};
-const timed = <T>(what: string, fn: () => T): T => {
-  const t = Date.now();
-  try {
-    return fn();
-  } finally {
-    timings[what] = (Date.now() - t) / 1000;
-  }
-};
+const { timings, timed } = stopwatch();
 
 /** Every entry under `root`: type, mode, owner, size, mtime (ns) and sha256 of files. */
 function snapshotTree(root: string): Record<string, string> {
@@ -104,7 +96,6 @@ function freePort(): Promise<number> {
   });
 }
 
-const sleep = (s: number): void => void spawnSync("sleep", [String(s)]);
 
 /** A character-device major no driver has registered here (stands for nvidia-uvm's dynamic major). */
 function freeCharMajor(): number {
